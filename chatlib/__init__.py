@@ -1,0 +1,13 @@
+"""chatlib: a multi-client TCP chat, built to be read and learned from.
+
+The pieces, in the order the course meets them:
+
+- :mod:`chatlib.protocol` — framing, sanitising and commands (sans-I/O);
+- :mod:`chatlib.room` — the room: who is here and who gets what (sans-I/O);
+- :mod:`chatlib.engines` — servers that drive the room over real sockets,
+  with threads, a ``selectors`` loop, or ``asyncio``;
+- :mod:`chatlib.client` and :mod:`chatlib.aio_client` — clients;
+- :mod:`chatlib.widget` — a chat panel for JupyterLab.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""What every engine shares: the listening socket, the log, the life cycle.
+
+An engine is the I/O half of a chat server: it owns the sockets and moves
+bytes between them and a :class:`~chatlib.room.Room`, which decides
+everything else. The three engines (:mod:`~chatlib.engines.threads`,
+:mod:`~chatlib.engines.selectors`, :mod:`~chatlib.engines.asyncio`) differ
+only in how they wait for sockets to be ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from types import TracebackType
+
+from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
+from chatlib.room import Limits, Room
+
+__all__ = ["ServerBase", "create_listener", "log", "peer_name"]
+
+#: The server's log. Nothing is printed unless the application configures
+#: logging (``python -m chatlib.server`` does), so a server running inside a
+#: notebook stays quiet.
+log = logging.getLogger("chatlib.server")
+
+#: Connections the kernel may hold for us before we accept() them. The
+#: socketserver default of 5 drops clients that arrive in a burst.
+BACKLOG = 1024
+
+
+def create_listener(host: str, port: int) -> socket.socket:
+    """Return a socket listening on *host*:*port* (port 0 picks a free one).
+
+    ``socket.create_server`` sets ``SO_REUSEADDR`` on POSIX, so a restarted
+    server can bind while old connections linger in TIME_WAIT; it leaves it
+    off on Windows, where the option would let two servers share a port.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=BACKLOG)
+
+
+def peer_name(sock: socket.socket) -> tuple[str, int]:
+    """Return ``(host, port)`` of *sock*'s peer, as the log lines show it."""
+    return sock.getpeername()[:2]
+
+
+class ServerBase:
+    """The parts of a chat server that do not depend on the engine.
+
+    The listening socket is bound in the constructor, so :attr:`address`
+    is known (and "address already in use" is raised) before anything
+    runs. Subclasses provide :meth:`serve_forever` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        limits: Limits | None = None,
+    ) -> None:
+        self.room = Room(limits)
+        self._listener = create_listener(host, port)
+        #: ``(host, port)`` the server listens on; the real port if *port* was 0.
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._thread: threading.Thread | None = None
+
+    # --- Public methods -------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Serve clients until :meth:`stop` is called (from another thread)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Say goodbye to every client, close every socket, end every thread."""
+        raise NotImplementedError
+
+    def start(self) -> ServerBase:
+        """Run :meth:`serve_forever` in a background thread and return self."""
+        self._thread = threading.Thread(
+            target=self.serve_forever, name=f"{type(self).__module__} server", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> ServerBase:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        return f"<{type(self).__module__}.{type(self).__name__} on {host}:{port}>"
+
+    # --- Private methods ------------------------------------------------
+
+    def _log_listening(self) -> None:
+        host, port = self.address
+        log.info("[LISTENING] Server is listening on %s:%s", host, port)
+
+    def _log_connected(self, peer: tuple[str, int]) -> None:
+        log.info("[NEW CONNECTION] %s connected.", peer)
+
+    def _log_disconnected(self, peer: tuple[str, int]) -> None:
+        log.info("[DISCONNECTED] %s disconnected.", peer)
+
+    def _join_server_thread(self, timeout: float) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)

@@ -1,0 +1,108 @@
+"""Run a chat server from the command line: ``python -m chatlib.server``.
+
+Pick the engine with ``--engine``; every engine speaks the same protocol,
+applies the same limits and writes the same log lines. Ctrl-C (or SIGTERM)
+tells the clients, closes every connection and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import signal
+import sys
+import threading
+
+from chatlib.engines.base import ServerBase
+from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
+from chatlib.room import Limits
+
+__all__ = ["ENGINES", "create_server", "main"]
+
+#: The engines, by the name ``--engine`` takes.
+ENGINES = ("threads", "selectors", "asyncio")
+
+
+def create_server(
+    engine: str = "threads",
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    limits: Limits | None = None,
+) -> ServerBase:
+    """Return a bound, not yet started, server of the given *engine*.
+
+    Call ``.start()`` on it (or use it in a ``with`` block) to serve in a
+    background thread.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    module = importlib.import_module(f"chatlib.engines.{engine}")
+    return module.ChatServer(host, port, limits=limits)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = Limits()
+    parser = argparse.ArgumentParser(
+        prog="python -m chatlib.server",
+        description="A multi-client TCP chat server. Connect with "
+        "'python -m chatlib.client' or 'nc HOST PORT'. docs/protocol.md explains the limits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--engine", choices=ENGINES, default="threads", help="how to do the I/O")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one")
+    parser.add_argument("--max-clients", type=int, default=defaults.max_clients,
+                        help="clients at once; more are told the server is full")
+    parser.add_argument("--max-line", type=int, default=defaults.max_line,
+                        help="longest line in bytes; longer ones are refused")
+    parser.add_argument("--sendq", type=int, default=defaults.sendq,
+                        help="bytes queued for a client that does not read before it is dropped")
+    parser.add_argument("--rate", type=float, default=defaults.rate,
+                        help="lines per second per client after the burst; 0 turns flood control off")
+    parser.add_argument("--burst", type=int, default=defaults.burst,
+                        help="lines a client may send at once before --rate applies")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until Ctrl-C or SIGTERM; return the exit status."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    limits = Limits(
+        max_clients=args.max_clients,
+        max_line=args.max_line,
+        sendq=args.sendq,
+        rate=args.rate,
+        burst=args.burst,
+    )
+    try:
+        server = create_server(args.engine, args.host, args.port, limits)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            print(f"Port {args.port} on {args.host} is already in use; "
+                  "stop the other server or pick another --port.", file=sys.stderr)
+        else:
+            print(f"Cannot listen on {args.host}:{args.port}: {error.strerror}", file=sys.stderr)
+        return 1
+
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)  # on Windows, only SIGINT ever arrives
+    server.start()
+    # Wait in short slices: on Windows a wait without a timeout is not
+    # interrupted by Ctrl-C, so the signal handler would never run.
+    while not stop_requested.wait(0.2):
+        pass
+    logging.getLogger("chatlib.server").info("[STOPPING] Saying goodbye to the clients.")
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

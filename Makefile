@@ -1,0 +1,67 @@
+# Everything runs from a local virtualenv, .venv, made on first use and
+# re-installed whenever pyproject.toml changes (the stamp file tracks that).
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.make-stamp
+ARGS ?=
+CODE := chatlib tests notebooks
+NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+# Kernels are started as plain "python" (ipykernel's kernelspec), so put the
+# venv first on PATH for anything that launches one.
+VENV_PATH := PATH="$(abspath $(BIN)):$$PATH"
+# Opt in to the platformdirs locations now; silences jupyter_core's deprecation warning.
+QUIET_JUPYTER := JUPYTER_PLATFORM_DIRS=1
+# Jupyter refuses to start as root (containers, CI machines) without this flag.
+LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
+
+.PHONY: venv test lab server client notebooks bench lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/python -m pytest tests
+	@# pytest exits 5 when it collects nothing, so skip nbval until notebooks exist.
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+		echo "$(BIN)/python -m pytest $(NBVAL_FLAGS) notebooks/"; \
+		$(VENV_PATH) $(QUIET_JUPYTER) $(BIN)/python -m pytest $(NBVAL_FLAGS) notebooks/; \
+	else \
+		echo "no notebooks/*.ipynb yet: skipping nbval"; \
+	fi
+
+lab: $(STAMP)
+	$(VENV_PATH) $(BIN)/jupyter lab $(LAB_ROOT_FLAG) $(ARGS) notebooks/
+
+server: $(STAMP)
+	$(BIN)/python -m chatlib.server $(ARGS)
+
+client: $(STAMP)
+	$(BIN)/python -m chatlib.client $(ARGS)
+
+notebooks: $(STAMP)
+	$(VENV_PATH) $(QUIET_JUPYTER) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		notebooks/[0-9]*.ipynb
+	$(BIN)/nbstripout --keep-output --keep-count notebooks/[0-9]*.ipynb
+
+bench: $(STAMP)
+	$(BIN)/python -m chatlib.bench $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix --exit-zero $(CODE)
+	$(BIN)/ruff format $(CODE)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name .ipynb_checkpoints -type d -prune -exec rm -rf {} +

@@ -53,16 +53,36 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--engine", choices=ENGINES, default="threads", help="how to do the I/O")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one")
-    parser.add_argument("--max-clients", type=int, default=defaults.max_clients,
-                        help="clients at once; more are told the server is full")
-    parser.add_argument("--max-line", type=int, default=defaults.max_line,
-                        help="longest line in bytes; longer ones are refused")
-    parser.add_argument("--sendq", type=int, default=defaults.sendq,
-                        help="bytes queued for a client that does not read before it is dropped")
-    parser.add_argument("--rate", type=float, default=defaults.rate,
-                        help="lines per second per client after the burst; 0 turns flood control off")
-    parser.add_argument("--burst", type=int, default=defaults.burst,
-                        help="lines a client may send at once before --rate applies")
+    parser.add_argument(
+        "--max-clients",
+        type=int,
+        default=defaults.max_clients,
+        help="clients at once; more are told the server is full",
+    )
+    parser.add_argument(
+        "--max-line",
+        type=int,
+        default=defaults.max_line,
+        help="longest line in bytes; longer ones are refused",
+    )
+    parser.add_argument(
+        "--sendq",
+        type=int,
+        default=defaults.sendq,
+        help="bytes queued for a client that does not read before it is dropped",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=defaults.rate,
+        help="lines a second per client after the burst; 0 turns flood control off",
+    )
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=defaults.burst,
+        help="lines a client may send at once before --rate applies",
+    )
     return parser.parse_args(argv)
 
 
@@ -81,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         server = create_server(args.engine, args.host, args.port, limits)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            print(f"Port {args.port} on {args.host} is already in use; "
-                  "stop the other server or pick another --port.", file=sys.stderr)
+            print(
+                f"Port {args.port} on {args.host} is already in use; "
+                "stop the other server or pick another --port.",
+                file=sys.stderr,
+            )
         else:
             print(f"Cannot listen on {args.host}:{args.port}: {error.strerror}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ locking and every client sees the messages in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -195,7 +196,5 @@ class ChatServer(ServerBase):
 
 
 def _shut_down(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # already shut down, or the peer is gone
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already shut down, or the peer is gone

@@ -1,0 +1,220 @@
+"""A chat client: :class:`ChatClient` for programs, and a terminal program.
+
+Run ``python -m chatlib.client --name alice``. A background thread prints
+what arrives while you type; on a terminal, the line you are typing is
+redrawn below each incoming message instead of being overwritten. Leave with
+``/quit``, ``exit``, Ctrl-D or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+
+from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, LineFramer, encode_line
+
+__all__ = ["ChatClient", "main"]
+
+#: Longest line a client accepts from the server. Far above what the server
+#: sends (its own limit plus a name), so only a broken server hits it.
+CLIENT_MAX_LINE = 64 * 1024
+
+
+class ChatClient:
+    """A blocking connection to a chat server.
+
+    One thread may receive (iterate over the client, or call
+    :meth:`receive_line`) while others call :meth:`send`; :meth:`close`
+    from any thread wakes the receiver. Incoming lines are framed and
+    sanitised by :class:`~chatlib.protocol.LineFramer`, so they are safe to
+    print even if the server is not.
+    """
+
+    def __init__(
+        self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, timeout: float = 5.0
+    ) -> None:
+        """Connect to *host*:*port*, waiting at most *timeout* seconds.
+
+        Raises :class:`OSError` (``ConnectionRefusedError`` when nothing
+        listens there) if the connection cannot be made.
+        """
+        self.address = (host, port)
+        self._sock = socket.create_connection(self.address, timeout=timeout)
+        self._sock.settimeout(None)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._framer = LineFramer(CLIENT_MAX_LINE)
+        self._send_lock = threading.Lock()
+
+    def send(self, text: str) -> None:
+        """Send *text* to the server, one wire line per line of text."""
+        data = b"".join(encode_line(line) for line in text.splitlines())
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def receive_line(self) -> str | None:
+        """Block until a whole line arrives and return it; ``None`` at the end.
+
+        The end is the server closing the connection, or :meth:`close`.
+        A connection reset also ends it (the caller cannot do better).
+        """
+        while (line := self._framer.next_line()) is None:
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except OSError:
+                data = b""
+            if not data:
+                return self._framer.finish()
+            self._framer.feed(data)
+        return line
+
+    def __iter__(self) -> Iterator[str]:
+        """Yield each line received until the connection ends."""
+        while (line := self.receive_line()) is not None:
+            yield line
+
+    def close(self) -> None:
+        """Close the connection; a thread blocked receiving sees the end."""
+        # shutdown() first: on Linux, close() alone does not wake a thread
+        # blocked in recv() on the same socket. OSError: already gone.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# --- The terminal program -------------------------------------------------
+
+PROMPT = "> "
+
+
+class _Terminal:
+    """Print incoming lines without clobbering the line being typed."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self._lock = threading.Lock()
+        self._prompt_shown = False  # is input() waiting behind a prompt?
+        self._readline = None
+        if interactive:
+            try:
+                import readline  # missing on Windows; and only a terminal needs it
+            except ImportError:
+                pass
+            else:
+                self._readline = readline
+
+    def show(self, line: str) -> None:
+        with self._lock:
+            if self._readline is None or not self._prompt_shown:
+                sys.stdout.write(line + "\n")
+            else:
+                # Erase the prompt line, print the message, then draw the
+                # prompt again with whatever the user has typed so far.
+                typed = self._readline.get_line_buffer()
+                sys.stdout.write(f"\r\x1b[K{line}\n{PROMPT}{typed}")
+            sys.stdout.flush()
+
+    def read_line(self) -> str:
+        """Return the next line typed (or piped); raise EOFError at the end."""
+        if self.interactive:
+            with self._lock:
+                self._prompt_shown = True
+            try:
+                return input(PROMPT)
+            finally:
+                self._prompt_shown = False
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+
+def _receive(client: ChatClient, terminal: _Terminal, ended: threading.Event) -> None:
+    for line in client:
+        terminal.show(line)
+    ended.set()
+
+
+def _type(client: ChatClient, terminal: _Terminal, ended: threading.Event) -> None:
+    try:
+        while not ended.is_set():
+            line = terminal.read_line()
+            client.send(line)
+            if line.strip() in ("/quit", "exit"):
+                return  # the server says goodbye and closes
+    except EOFError:
+        client.send("/quit")
+    except OSError:
+        pass  # the server went away; _receive reports it
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m chatlib.client",
+        description="Chat from the terminal. Type a line to say it; /help lists the commands; "
+        "/quit, exit, Ctrl-D or Ctrl-C leaves.",
+    )
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="server address (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="server port (default: %(default)s)"
+    )
+    parser.add_argument("--name", help="the name to chat under (default: a guest name)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the terminal client; return the exit status."""
+    args = _parse_args(argv)
+    try:
+        client = ChatClient(args.host, args.port)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        print(f"Cannot connect to {args.host}:{args.port}: {reason}.", file=sys.stderr)
+        return 1
+    if args.name:
+        client.send(f"/nick {args.name}")
+
+    terminal = _Terminal(interactive=sys.stdin.isatty() and sys.stdout.isatty())
+    ended = threading.Event()
+    receiver = threading.Thread(target=_receive, args=(client, terminal, ended), daemon=True)
+    typist = threading.Thread(target=_type, args=(client, terminal, ended), daemon=True)
+    receiver.start()
+    typist.start()
+    try:
+        # Wait in short slices: on Windows a wait without a timeout is not
+        # interrupted by Ctrl-C.
+        while not ended.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):  # the server may be gone already
+            client.send("/quit")
+        ended.wait(1.0)
+    client.close()
+    still_typing = typist.is_alive()
+    if still_typing:
+        terminal.show("*** Disconnected: the server closed the connection.")
+    if terminal.interactive:
+        sys.stdout.write("\r\x1b[K")  # no prompt left dangling
+    if still_typing:
+        # We still sit in input(). Nothing portable wakes a thread blocked
+        # reading stdin, and finalising the interpreter under it aborts
+        # ("could not acquire lock for <stdin>"), so leave without that.
+        sys.stdout.flush()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

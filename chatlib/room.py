@@ -22,7 +22,8 @@ It is not thread-safe; a threaded engine calls it under one lock.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from chatlib.protocol import (
     COMMANDS,
@@ -37,28 +38,34 @@ from chatlib.protocol import (
 __all__ = ["Connection", "Limits", "Room", "State"]
 
 
+def _limit(default: float, help: str) -> Any:
+    """Declare a limit with its default and the help ``--help`` shows for it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Limits:
     """The limits that keep one client from hurting the others.
 
-    Every engine takes its limits from here; ``docs/protocol.md`` explains
-    where each default comes from.
+    Every engine takes its limits from here, and ``python -m chatlib.server``
+    makes one option of each field (``max_line`` becomes ``--max-line``).
+    ``docs/protocol.md`` explains where each default comes from.
     """
 
-    #: Clients at once; one more gets "server full" and is closed.
-    max_clients: int = 100
-    #: Bytes in one line, not counting its ending. IRC's lines are 512
-    #: bytes (RFC 1459, section 2.3).
-    max_line: int = 512
-    #: Bytes queued for a client that does not read before it is dropped.
-    #: IRC servers allow 100 KB to 1 MiB ("SendQ exceeded"); we take the top.
-    sendq: int = 1024 * 1024
-    #: Lines per second a client may send once its burst is used up, or 0
-    #: for no flood control. IRC servers allow about one or two.
-    rate: float = 2.0
-    #: Lines a client may send at once before *rate* applies. IRC servers
-    #: allow a burst of about five to ten.
-    burst: int = 10
+    max_clients: int = _limit(100, "clients at once; one more is told the server is full")
+    # IRC's lines are 512 bytes (RFC 1459, section 2.3).
+    max_line: int = _limit(
+        512, "longest line in bytes, without its ending; longer ones are refused"
+    )
+    # IRC servers drop clients past 100 KB to 1 MiB ("SendQ exceeded"): we take the top.
+    sendq: int = _limit(
+        1024 * 1024, "bytes queued for a client that does not read before it is dropped"
+    )
+    # IRC servers allow about a burst of five to ten lines, then one or two a second.
+    rate: float = _limit(
+        2.0, "lines a second per client after the burst; 0 turns flood control off"
+    )
+    burst: int = _limit(10, "lines a client may send at once before --rate applies")
 
 
 class State(enum.Enum):

@@ -8,6 +8,7 @@ tells the clients, closes every connection and exits with status 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib
 import logging
@@ -43,46 +44,27 @@ def create_server(
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = Limits()
     parser = argparse.ArgumentParser(
         prog="python -m chatlib.server",
         description="A multi-client TCP chat server. Connect with "
         "'python -m chatlib.client' or 'nc HOST PORT'. docs/protocol.md explains the limits.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--engine", choices=ENGINES, default="threads", help="how to do the I/O")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="threads",
+        help="how to do the I/O (docs/engines.md compares them)",
+    )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one")
-    parser.add_argument(
-        "--max-clients",
-        type=int,
-        default=defaults.max_clients,
-        help="clients at once; more are told the server is full",
-    )
-    parser.add_argument(
-        "--max-line",
-        type=int,
-        default=defaults.max_line,
-        help="longest line in bytes; longer ones are refused",
-    )
-    parser.add_argument(
-        "--sendq",
-        type=int,
-        default=defaults.sendq,
-        help="bytes queued for a client that does not read before it is dropped",
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=defaults.rate,
-        help="lines a second per client after the burst; 0 turns flood control off",
-    )
-    parser.add_argument(
-        "--burst",
-        type=int,
-        default=defaults.burst,
-        help="lines a client may send at once before --rate applies",
-    )
+    for limit in dataclasses.fields(Limits):
+        parser.add_argument(
+            "--" + limit.name.replace("_", "-"),
+            type=type(limit.default),
+            default=limit.default,
+            help=limit.metadata["help"],
+        )
     return parser.parse_args(argv)
 
 
@@ -91,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     limits = Limits(
-        max_clients=args.max_clients,
-        max_line=args.max_line,
-        sendq=args.sendq,
-        rate=args.rate,
-        burst=args.burst,
+        **{limit.name: getattr(args, limit.name) for limit in dataclasses.fields(Limits)}
     )
     try:
         server = create_server(args.engine, args.host, args.port, limits)

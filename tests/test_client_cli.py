@@ -1,0 +1,155 @@
+"""``python -m chatlib.client`` as a user runs it: piped, on a terminal, and when things go wrong."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chatlib.client import ChatClient
+from chatlib.room import Limits
+from chatlib.server import ENGINES, create_server
+
+TIMEOUT = 10
+
+
+@pytest.fixture(params=ENGINES)
+def server(request):
+    with create_server(request.param, "127.0.0.1", 0, Limits(rate=0)) as server:
+        yield server
+
+
+def run_client(server, *args: str, **kwargs) -> subprocess.Popen:
+    host, port = server.address
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatlib.client", "--host", host, "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def read_until(client: ChatClient, predicate) -> list[str]:
+    """Collect lines from *client* until one satisfies *predicate* (bounded)."""
+    client._sock.settimeout(TIMEOUT)
+    lines = []
+    for line in client:
+        lines.append(line)
+        if predicate(line):
+            return lines
+    raise AssertionError(f"connection ended or timed out first; got {lines}")
+
+
+def test_piped_stdin_sends_each_line_then_leaves(server):
+    with ChatClient(*server.address) as watcher:
+        proc = run_client(server, "--name", "carol", stdin=subprocess.PIPE)
+        out, err = proc.communicate("hello\n/me waves\n", timeout=TIMEOUT)
+        seen = read_until(watcher, lambda line: line == "*** carol left.")
+    assert proc.returncode == 0
+    assert err == ""
+    assert "<carol> hello" in out.splitlines()
+    assert "* carol waves" in out.splitlines()
+    assert "<carol> hello" in seen
+    assert "* carol waves" in seen
+
+
+@pytest.mark.parametrize("leave", ["/quit", "exit"])
+def test_quit_and_exit_leave_cleanly(server, leave):
+    proc = run_client(server, "--name", "dave", stdin=subprocess.PIPE)
+    proc.stdin.write(f"hi\n{leave}\n")
+    proc.stdin.flush()
+    # stdin stays open: the client must leave because of the command alone.
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0
+    assert "*** Bye, dave!" in out
+    assert err == ""
+
+
+def test_refused_connection_is_one_clear_line():
+    with socket.create_server(("127.0.0.1", 0)) as placeholder:
+        port = placeholder.getsockname()[1]
+    # Nothing listens on that port any more.
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatlib.client", "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"Cannot connect to 127.0.0.1:{port}: Connection refused."
+    ]
+
+
+def test_server_going_away_is_reported(server):
+    proc = run_client(server, stdin=subprocess.PIPE)  # stdin left open: blocked reading it
+    with ChatClient(*server.address) as watcher:
+        read_until(watcher, lambda line: line.endswith("joined."))
+    server.stop()
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0
+    assert out.splitlines()[-2:] == [
+        "*** The server is shutting down. Bye!",
+        "*** Disconnected: the server closed the connection.",
+    ]
+    assert err == ""
+
+
+def test_ctrl_c_leaves_without_traceback(server):
+    proc = run_client(server, "--name", "erin", stdin=subprocess.PIPE)
+    with ChatClient(*server.address) as watcher:
+        read_until(watcher, lambda line: line.endswith("is now known as erin."))
+        proc.send_signal(signal.SIGINT)
+        read_until(watcher, lambda line: line == "*** erin left.")
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0
+    assert "Traceback" not in err
+    assert "*** Bye, erin!" in out
+
+
+def test_terminal_redraws_the_line_being_typed(server):
+    """An incoming message must not clobber what the user has typed so far."""
+    host, port = server.address
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the client on a terminal
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "chatlib.client", "--port", str(port), "--name", "fay"],
+        )
+    screen = b""
+
+    def read_screen_until(expected: bytes) -> None:
+        nonlocal screen
+        deadline = time.monotonic() + TIMEOUT
+        while expected not in screen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"never saw {expected!r} in {screen!r}")
+            screen += os.read(fd, 4096)
+
+    try:
+        read_screen_until(b"is now known as fay.")
+        read_screen_until(b"> ")
+        os.write(fd, b"half-typ")
+        read_screen_until(b"half-typ")
+        with ChatClient(host, port) as other:
+            other.send("ping from gus")
+            # Erase the line, print the message, redraw prompt and typed text.
+            read_screen_until(b"\r\x1b[K<guest2> ping from gus\r\n> half-typ")
+        os.write(fd, b"ed\n")
+        read_screen_until(b"<fay> half-typed")
+        os.write(fd, b"\x04")  # Ctrl-D on an empty line
+        read_screen_until(b"*** Bye, fay!")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"Traceback" not in screen

@@ -1,4 +1,4 @@
-"""``python -m chatlib.client`` as a user runs it: piped, on a terminal, and when things go wrong."""
+"""``python -m chatlib.client`` as a user runs it: piped, on a terminal, and on failures."""
 
 from __future__ import annotations
 

@@ -274,6 +274,10 @@ def test_nbval_reads_sanitize_cfg_as_configparser_does():
         ),
         ("laddr=('127.0.0.1', 54321)", "laddr=('127.0.0.1', PORT)"),
         ("http://localhost:8888/lab", "http://localhost:PORT/lab"),
+        (
+            "python -m chatlib.client --port 43567 --name carol",
+            "python -m chatlib.client --port PORT --name carol",
+        ),
         ("[::1]:5050 and 0.0.0.0:80", "[::1]:PORT and 0.0.0.0:PORT"),
         ("<socket.socket fd=3 at 0x7f3a2c1d5E40>", "<socket.socket fd=3 at 0xADDR>"),
         ("[14:03:59] alice: hi", "[HH:MM:SS] alice: hi"),

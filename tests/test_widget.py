@@ -1,0 +1,378 @@
+"""ChatPanel against a real server, without a browser.
+
+The panels run outside a kernel here: ipywidgets then gives each widget a
+comm that goes nowhere, and everything else (threads, sockets, widget
+values) is real. The front end's part is simulated the way it talks to the
+kernel: on Enter it sets the text box's value; a click calls the button's
+handlers. The ``health`` fixture (conftest.py) fails a test that leaves a
+thread or a socket behind, or lets an exception escape a thread.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+widgets = pytest.importorskip("ipywidgets")
+
+from chatlib import widget as widget_module  # noqa: E402
+from chatlib.protocol import ServerLine  # noqa: E402
+from chatlib.room import Limits  # noqa: E402
+from chatlib.server import create_server  # noqa: E402
+from chatlib.widget import ChatPanel  # noqa: E402
+from tests.helpers import TIMEOUT, wait_until  # noqa: E402
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def text_is(text: str) -> Callable[[ServerLine], bool]:
+    return lambda line: line.text == text
+
+
+def count(panel: ChatPanel, text: str) -> int:
+    return sum(received.line.text == text for received in panel.messages)
+
+
+def receiver(panel: ChatPanel) -> threading.Thread:
+    assert panel._session is not None and panel._session.thread is not None
+    return panel._session.thread
+
+
+@pytest.fixture
+def server(health):
+    # No flood control: some tests send many lines at once.
+    with create_server("threads", "127.0.0.1", 0, Limits(rate=0)) as server:
+        yield server
+
+
+@pytest.fixture
+def make_panel(server) -> Iterator[Callable[..., ChatPanel]]:
+    panels: list[ChatPanel] = []
+
+    def make(name: str | None = None, **kwargs) -> ChatPanel:
+        host, port = server.address
+        panel = ChatPanel(host, port, name, timeout=TIMEOUT, **kwargs)
+        panels.append(panel)
+        return panel
+
+    yield make
+    for panel in panels:
+        panel.close()
+
+
+@pytest.fixture
+def alice(make_panel) -> ChatPanel:
+    return make_panel("alice")
+
+
+@pytest.fixture
+def bob(make_panel, alice) -> ChatPanel:
+    bob = make_panel("bob")
+    alice.wait_for(text_is("guest2 is now known as bob."))
+    return bob
+
+
+def say_and_sync(sender: ChatPanel, *readers: ChatPanel) -> None:
+    """Send a marker line and wait until every reader has it.
+
+    The server keeps each sender's lines in order, so once a reader has
+    the marker it has had everything *sender* sent before it.
+    """
+    marker = f"marker {time.monotonic_ns()}"
+    sender.send(marker)
+    for reader in readers:
+        reader.wait_for(text_is(marker))
+
+
+# --- Connecting and names ----------------------------------------------------
+
+
+def test_panels_learn_their_names_and_the_members(alice, bob):
+    assert (alice.name, bob.name) == ("alice", "bob")
+    assert alice.connected and bob.connected
+    assert alice.members == bob.members == ["alice", "bob"]
+    assert "connected as <b>alice</b>" in alice.status_view.value
+    assert ">alice</div>" in alice.members_view.value
+
+
+def test_a_taken_name_leaves_the_guest_name_the_server_gave(alice, make_panel):
+    imposter = make_panel("alice")
+    assert imposter.name == "guest2"
+    assert imposter.messages[-1].line == ServerLine(
+        "error", "The name alice is taken. Your name is still guest2."
+    )
+    assert "connected as <b>guest2</b>" in imposter.status_view.value
+
+
+def test_a_panel_without_a_name_keeps_its_guest_name(make_panel):
+    guest = make_panel()
+    assert guest.name == "guest1" and guest.members == ["guest1"]
+
+
+def test_a_refused_connection_shows_an_error_instead_of_raising(server):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+    panel = ChatPanel("127.0.0.1", port, "alice", timeout=1.0)
+    assert not panel.connected
+    assert 'class="chat-line chat-error chat-local"' in panel.log_view.value
+    assert "Cannot connect" in panel.log_view.value
+    assert "disconnected" in panel.status_view.value
+    assert panel.input.disabled and panel.send_button.disabled
+    with pytest.raises(ConnectionError):
+        panel.send("hello")
+
+
+# --- Sending: code, Enter, Send button ----------------------------------------
+
+
+def test_send_from_code_reaches_everyone(alice, bob):
+    alice.send("hello, bob")
+    assert bob.wait_for(text_is("hello, bob")) == ServerLine("message", "hello, bob", "alice")
+    alice.wait_for(text_is("hello, bob"))
+    assert alice.log_lines[-1].startswith('<div class="chat-line chat-message chat-own">')
+    assert bob.log_lines[-1].startswith('<div class="chat-line chat-message">')
+
+
+def test_enter_in_the_text_box_sends_once_and_clears_it(alice, bob):
+    alice.input.value = "typed and Enter"  # what the front end does on Enter
+    assert alice.input.value == ""
+    say_and_sync(alice, alice, bob)
+    assert count(bob, "typed and Enter") == 1
+    assert count(alice, "typed and Enter") == 1
+
+
+def test_send_button_sends_what_the_box_holds_once(alice, bob):
+    # Clicking Send takes the focus from the box, so the front end first
+    # reports the box's value (like Enter), then the click.
+    alice.input.value = "typed and clicked"
+    alice.send_button.click()
+    alice.send_button.click()  # an empty box: nothing more to send
+    say_and_sync(alice, bob)
+    assert count(bob, "typed and clicked") == 1
+    assert alice.input.value == ""
+
+
+def test_blank_input_sends_nothing(alice, bob):
+    alice.input.value = "   "
+    assert alice.input.value == ""
+    say_and_sync(alice, bob)
+    assert not any(m.line.text.strip() == "" for m in bob.messages)
+
+
+def test_typing_while_disconnected_shows_an_error(alice):
+    alice.close()
+    # The box is disabled in the browser then; a value set from code still arrives.
+    alice.input.value = "into the void"
+    assert "Not sent" in alice.log_lines[-1]
+    assert 'class="chat-line chat-error chat-local"' in alice.log_lines[-1]
+
+
+# --- Kinds of lines ------------------------------------------------------------
+
+
+def test_actions_and_private_messages_are_classified_and_styled(alice, bob, make_panel):
+    carol = make_panel("carol")
+    bob.wait_for(text_is("guest3 is now known as carol."))
+    alice.send("/me waves")
+    assert bob.wait_for(text_is("waves")) == ServerLine("action", "waves", "alice")
+    assert 'class="chat-line chat-action"' in bob.log_view.value
+    alice.wait_for(text_is("waves"))
+    assert 'class="chat-line chat-action chat-own"' in alice.log_view.value
+
+    alice.send("/msg bob psst")
+    assert bob.wait_for(text_is("psst")) == ServerLine("private", "psst", "alice")
+    assert alice.wait_for(text_is("psst")) == ServerLine("private-sent", "psst", "bob")
+    assert 'class="chat-line chat-private"' in bob.log_lines[-1]
+    assert 'class="chat-line chat-private chat-sent chat-own"' in alice.log_lines[-1]
+    say_and_sync(alice, carol)
+    assert not [m for m in carol.messages if m.line.kind.startswith("private")]
+
+    bob.send("/frobnicate")
+    error = bob.wait_for(lambda line: line.kind == "error")
+    assert error.text.startswith("Unknown command /frobnicate")
+    assert 'class="chat-line chat-error"' in bob.log_lines[-1]
+    assert 'class="chat-line chat-notice"' in bob.log_view.value
+
+
+def test_every_line_has_a_time(alice, bob):
+    alice.send("what time is it?")
+    bob.wait_for(text_is("what time is it?"))
+    received = bob.messages[-1]
+    assert time.strptime(received.time, "%H:%M:%S")
+    assert f'<span class="chat-time">{received.time}</span>' in bob.log_lines[-1]
+
+
+# --- Members -------------------------------------------------------------------
+
+
+def test_members_follow_joins_renames_and_leaves(alice, bob, make_panel):
+    carol = make_panel("carol")
+    alice.wait_for(text_is("guest3 is now known as carol."))
+    assert alice.members == ["alice", "bob", "carol"]
+    assert carol.members == ["alice", "bob", "carol"]
+
+    bob.send("/nick robert")
+    for panel in (alice, bob, carol):
+        panel.wait_for(text_is("bob is now known as robert."))
+    assert alice.members == ["alice", "robert", "carol"]
+    assert bob.name == "robert"
+    assert "connected as <b>robert</b>" in bob.status_view.value
+
+    carol.close()
+    alice.wait_for(text_is("carol left."))
+    assert alice.members == ["alice", "robert"]
+    assert "Online (2)" in alice.members_view.value
+    assert carol.members == []
+
+
+def test_an_out_of_step_member_list_asks_the_server(alice, bob):
+    with alice._lock:
+        alice._members.remove("bob")  # as if a notice had been missed
+    bob.close()
+    # "bob left." names someone alice's list lacks: she asks with /who.
+    alice.wait_for(text_is("Online (1): alice"))
+    assert alice.members == ["alice"]
+
+
+# --- Safety ----------------------------------------------------------------------
+
+
+def test_html_in_a_chat_line_is_shown_as_text(alice, bob):
+    alice.send(XSS)
+    alice.send("fish & chips")
+    bob.wait_for(text_is("fish & chips"))
+    log = bob.log_view.value
+    assert "&lt;img src=x onerror=alert(1)&gt;" in log
+    assert "<img" not in log
+    assert "fish &amp; chips" in log
+
+
+def test_the_receiving_thread_never_prints(alice, bob, capsys):
+    alice.send("quietly")
+    bob.wait_for(text_is("quietly"))
+    bob.close()
+    assert capsys.readouterr() == ("", "")
+
+
+# --- History -------------------------------------------------------------------
+
+
+def test_history_is_bounded(make_panel, alice):
+    reader = make_panel("reader", history=5)
+    for number in range(20):
+        alice.send(f"line {number}")
+    reader.wait_for(text_is("line 19"))
+    assert [m.line.text for m in reader.messages] == [f"line {n}" for n in range(15, 20)]
+    assert len(reader.log_lines) == 5
+    assert reader.log_view.value.count('class="chat-line ') == 5
+
+
+def test_wait_for_gives_up_after_its_timeout(alice):
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        alice.wait_for(text_is("never sent"), timeout=0.2)
+    assert time.monotonic() - started < 2
+
+
+# --- Closing and reconnecting ---------------------------------------------------
+
+
+def test_close_ends_the_thread_and_the_socket(alice, bob):
+    thread = receiver(alice)
+    sock = alice._session.client._sock
+    alice.close()
+    assert not thread.is_alive()  # close() waits for it (bounded)
+    assert sock.fileno() == -1
+    assert not alice.connected and alice.members == []
+    assert "disconnected" in alice.status_view.value
+    assert alice.input.disabled and alice.send_button.disabled and alice.close_button.disabled
+    assert not alice.reconnect_button.disabled
+    bob.wait_for(text_is("alice left."))
+    assert bob.members == ["bob"]
+    alice.close()  # a second close does nothing
+
+
+def test_reconnect_gets_the_same_name_back(alice, bob):
+    alice.close()
+    alice.reconnect()
+    assert alice.connected and alice.name == "alice"
+    assert alice.members == ["bob", "alice"]
+    alice.send("back again")
+    bob.wait_for(text_is("back again"))
+
+
+def test_the_buttons_disconnect_and_reconnect(alice, bob):
+    thread = receiver(alice)
+    alice.close_button.click()
+    assert not thread.is_alive() and not alice.connected
+    alice.reconnect_button.click()
+    assert alice.connected and alice.name == "alice"
+    assert receiver(alice) is not thread
+    assert "connected as <b>alice</b>" in alice.status_view.value
+
+
+def test_reconnect_while_connected_replaces_the_connection(alice):
+    thread = receiver(alice)
+    alice.reconnect()
+    assert not thread.is_alive()
+    assert alice.connected and alice.name == "alice"
+
+
+def test_closing_the_widget_closes_the_connection(alice):
+    thread = receiver(alice)
+    alice.widget.close()
+    assert not thread.is_alive() and not alice.connected
+    assert alice.input.comm is None  # the parts are closed with it
+
+
+def test_a_server_that_stops_disconnects_the_panel(make_panel, server):
+    panel = make_panel("alice")
+    thread = receiver(panel)
+    server.stop()
+    panel.wait_for(text_is("The server is shutting down. Bye!"))
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    wait_until(lambda: not panel.connected, what="the panel to see the server go")
+    assert "Disconnected: the server closed the connection." in panel.log_lines[-1]
+    assert "disconnected" in panel.status_view.value
+
+
+def test_exit_handler_ends_every_open_connection(make_panel):
+    panel = make_panel("alice")
+    thread = receiver(panel)
+    widget_module._end_open_sessions(budget=TIMEOUT)
+    assert not thread.is_alive()
+    assert not widget_module._open_sessions
+
+
+# --- Display ---------------------------------------------------------------------
+
+
+def test_repr_is_stable_for_nbval(alice, bob):
+    assert repr(alice) == "ChatPanel(name='alice')"
+    assert repr(widgets.HBox([alice.widget, bob.widget])) == (
+        "HBox(children=(<widget of ChatPanel(name='alice')>, <widget of ChatPanel(name='bob')>))"
+    )
+    bundle = alice._repr_mimebundle_()
+    assert bundle["text/plain"] == "ChatPanel(name='alice')"
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_widgets_carry_the_css_classes_tests_select_on(alice):
+    classes = {
+        "chat-panel": alice.widget,
+        "chat-log": alice.log_view,
+        "chat-input": alice.input,
+        "chat-send": alice.send_button,
+        "chat-members": alice.members_view,
+        "chat-status": alice.status_view,
+        "chat-close": alice.close_button,
+        "chat-reconnect": alice.reconnect_button,
+    }
+    for css_class, part in classes.items():
+        assert css_class in part._dom_classes
+    assert alice.input.continuous_update is False

@@ -55,7 +55,9 @@ _C0 = {c: f"^{chr(c + 64)}" for c in range(0x20)}
 _C0[0x09] = " "  # a tab is harmless; a space keeps columns predictable
 _DEL = {0x7F: "^?"}
 _C1 = dict.fromkeys(range(0x80, 0xA0), "\ufffd")
-_BIDI = dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F], "\ufffd")
+_BIDI = dict.fromkeys(
+    [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C], "\ufffd"
+)
 _NEUTRALISE = str.maketrans({**_C0, **_DEL, **_C1, **_BIDI})
 
 
@@ -107,8 +109,11 @@ class LineFramer:
                 return
             data = data[newline + 1 :]
             self._discarding = False
+        # Forget the lines already read before taking more.
+        del self._buffer[: self._start]
+        self._start = 0
         self._buffer += data
-        tail = self._buffer.rfind(b"\n", self._start) + 1 or self._start
+        tail = self._buffer.rfind(b"\n") + 1
         # +1 leaves room for the "\r" of a "\r\n" whose "\n" is yet to come.
         if len(self._buffer) - tail > self.max_line + 1:
             del self._buffer[tail:]
@@ -120,9 +125,6 @@ class LineFramer:
         while True:
             end = self._buffer.find(b"\n", self._start)
             if end < 0:
-                # Forget the lines already read; keep the unfinished one.
-                del self._buffer[: self._start]
-                self._start = 0
                 return None
             raw = bytes(self._buffer[self._start : end]).removesuffix(b"\r")
             self._start = end + 1
@@ -140,19 +142,23 @@ class LineFramer:
 
         Call this once the peer has closed its side and :meth:`next_line`
         has returned ``None``: ``nc`` sends a final line without ``\\n`` when
-        the user presses Ctrl-D mid-line.
+        the user presses Ctrl-D mid-line. A last line that is too long is
+        dropped and counted like any other.
         """
         raw = bytes(self._buffer[self._start :]).removesuffix(b"\r")
         self._buffer.clear()
         self._start = 0
-        if self._discarding or not raw:
-            self._discarding = False
+        discarding, self._discarding = self._discarding, False
+        if discarding or not raw:
+            return None
+        if len(raw) > self.max_line:
+            self.overlong += 1
             return None
         return _decode(raw)
 
     @property
     def buffered(self) -> int:
-        """Return how many bytes the framer holds (read or not)."""
+        """Return how many bytes the framer holds that no line has used yet."""
         return len(self._buffer) - self._start
 
 

@@ -221,6 +221,7 @@ class Room:
         self._report_overlong(conn)  # an endless line shows up before its end
         if conn._eof and conn.state is State.OPEN:
             last_line = framer.finish()
+            self._report_overlong(conn)
             if last_line and last_line.strip():
                 self._dispatch(conn, parse_command(last_line))
             if conn.state is State.OPEN:

@@ -1,0 +1,410 @@
+"""The wire protocol on values alone: framing, sanitising, commands, server lines, notices."""
+
+from __future__ import annotations
+
+import itertools
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatlib.protocol import (
+    COMMANDS,
+    MAX_NAME_LENGTH,
+    NOTICES,
+    Command,
+    LineFramer,
+    ServerLine,
+    encode_line,
+    format_notice,
+    name_problem,
+    parse_command,
+    parse_notice,
+    parse_server_line,
+    sanitize,
+)
+from tests.helpers import FORBIDDEN, forbidden_in
+
+
+def drain(framer: LineFramer) -> list[str]:
+    """Return every complete line the framer has, as the docstring says to read them."""
+    lines = []
+    while (line := framer.next_line()) is not None:
+        lines.append(line)
+    return lines
+
+
+def frame(chunks: list[bytes], max_line: int = 512) -> tuple[list[str], LineFramer]:
+    framer = LineFramer(max_line)
+    lines = []
+    for chunk in chunks:
+        framer.feed(chunk)
+        lines += drain(framer)
+    return lines, framer
+
+
+# --- LineFramer ----------------------------------------------------------------
+
+
+def test_lf_and_crlf_endings_are_both_removed():
+    assert frame([b"one\ntwo\r\n"])[0] == ["one", "two"]
+
+
+def test_several_lines_in_one_chunk_come_out_in_order():
+    assert frame([b"a\nb\nc\nd"])[0] == ["a", "b", "c"]
+
+
+def test_a_line_split_across_chunks_comes_out_whole():
+    assert frame([b"hel", b"lo wo", b"rld", b"\n"])[0] == ["hello world"]
+
+
+def test_crlf_split_between_chunks_still_counts_as_one_ending():
+    assert frame([b"hello\r", b"\nnext\n"])[0] == ["hello", "next"]
+
+
+def test_next_line_returns_none_until_the_line_is_complete():
+    framer = LineFramer(512)
+    framer.feed(b"partial")
+    assert framer.next_line() is None
+    assert not framer.has_line()
+    framer.feed(b" line\n")
+    assert framer.has_line()
+    assert framer.next_line() == "partial line"
+    assert framer.next_line() is None
+
+
+@pytest.mark.parametrize("text", ["é", "€", "😀", "日本語"])
+def test_a_utf8_character_split_across_chunks_is_rebuilt(text):
+    data = f"<{text}>\n".encode()
+    for cut in range(1, len(data)):
+        assert frame([data[:cut], data[cut:]])[0] == [f"<{text}>"], cut
+    assert frame([bytes([byte]) for byte in data])[0] == [f"<{text}>"]
+
+
+def test_a_line_of_exactly_max_line_bytes_passes():
+    assert frame([b"x" * 16 + b"\n", b"y" * 16 + b"\r\n"], max_line=16)[0] == ["x" * 16, "y" * 16]
+
+
+def test_an_overlong_line_is_dropped_and_counted():
+    lines, framer = frame([b"ok\n" + b"x" * 17 + b"\nafter\n"], max_line=16)
+    assert lines == ["ok", "after"]
+    assert framer.overlong == 1
+
+
+def test_an_overlong_line_split_across_chunks_is_dropped_once():
+    chunks = [b"x" * 10] * 10 + [b"\nafter\n"]
+    lines, framer = frame(chunks, max_line=16)
+    assert lines == ["after"]
+    assert framer.overlong == 1
+
+
+def test_an_overlong_line_is_counted_before_its_end_arrives():
+    framer = LineFramer(16)
+    framer.feed(b"x" * 100)
+    assert framer.overlong == 1
+    assert framer.next_line() is None
+
+
+def test_an_endless_line_never_holds_more_than_max_line_plus_one():
+    framer = LineFramer(64)
+    for size in [1, 7, 63, 64, 65, 1000, 65536] * 20:
+        framer.feed(b"z" * size)
+        assert framer.next_line() is None
+        assert framer.buffered <= 64 + 1
+    assert framer.overlong == 1
+    framer.feed(b"tail\nnext\n")
+    assert drain(framer) == ["next"]
+    assert framer.buffered == 0
+
+
+def test_cr_just_before_the_limit_waits_for_its_lf():
+    # max_line bytes, then the "\r" of "\r\n": not too long yet, the "\n" may follow.
+    framer = LineFramer(8)
+    framer.feed(b"x" * 8 + b"\r")
+    assert framer.overlong == 0
+    framer.feed(b"\n")
+    assert drain(framer) == ["x" * 8]
+    # max_line bytes, "\r" and something else: the line is too long after all.
+    framer.feed(b"y" * 8 + b"\r")
+    framer.feed(b"z\n")
+    assert drain(framer) == []
+    assert framer.overlong == 1
+
+
+def test_finish_returns_the_unterminated_last_line():
+    framer = LineFramer(512)
+    framer.feed(b"done\nlast words")
+    assert drain(framer) == ["done"]
+    assert framer.finish() == "last words"
+    assert framer.buffered == 0
+
+
+def test_finish_strips_a_trailing_cr_and_ignores_an_empty_rest():
+    framer = LineFramer(512)
+    framer.feed(b"last\r")
+    assert framer.finish() == "last"
+    framer.feed(b"line\n")
+    assert drain(framer) == ["line"]
+    assert framer.finish() is None
+
+
+def test_finish_drops_the_rest_of_an_overlong_line():
+    framer = LineFramer(8)
+    framer.feed(b"x" * 100)
+    assert framer.finish() is None
+    assert framer.overlong == 1
+
+
+def test_finish_drops_a_final_line_one_byte_over_the_limit():
+    framer = LineFramer(8)
+    framer.feed(b"x" * 9)
+    assert framer.finish() is None
+    assert framer.overlong == 1
+
+
+def _frame_with_has_line(framer: LineFramer, chunk: bytes, rounds: int) -> None:
+    # The loop Room._process uses: ask has_line() first, so next_line() never returns None.
+    for _ in range(rounds):
+        framer.feed(chunk)
+        while framer.has_line():
+            assert framer.next_line() is not None
+
+
+def test_lines_read_until_none_are_freed():
+    framer = LineFramer(512)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            framer.feed(b"x" * 100 + b"\n" + b"y" * 100 + b"\n")
+            assert drain(framer) == ["x" * 100, "y" * 100]
+        growth = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert growth < 64 * 1024, f"framer kept {growth} bytes after 400 kB of read lines"
+
+
+def test_lines_read_after_has_line_are_freed():
+    framer = LineFramer(512)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        _frame_with_has_line(framer, b"x" * 100 + b"\n" + b"y" * 100 + b"\n", rounds=2000)
+        growth = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert growth < 64 * 1024, f"framer kept {growth} bytes after 400 kB of read lines"
+
+
+def test_invalid_utf8_becomes_replacement_characters():
+    lines = frame([b"caf\xc3 \xff\xfe ok \xed\xa0\x80 \xc0\xaf\n"])[0]
+    assert lines == ["caf\ufffd \ufffd\ufffd ok \ufffd\ufffd\ufffd \ufffd\ufffd"]
+
+
+def test_framed_lines_are_sanitised():
+    assert frame([b"\x1b[31mred\x07\x7f\n"])[0] == ["^[[31mred^G^?"]
+
+
+# Lines of arbitrary bytes (no "\n"), some longer than the small max_line used below.
+_line_bytes = st.binary(max_size=24).map(lambda b: b.replace(b"\n", b""))
+_endings = st.sampled_from([b"\n", b"\r\n"])
+
+
+def _expected(raw: bytes, max_line: int) -> str | None:
+    raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+    return None if len(raw) > max_line else sanitize(raw.decode("utf-8", errors="replace"))
+
+
+@settings(deadline=None)  # a shared machine may pause any example
+@given(
+    lines=st.lists(st.tuples(_line_bytes, _endings), max_size=12),
+    rest=_line_bytes,
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=20),
+    max_line=st.integers(min_value=1, max_value=20),
+)
+def test_framing_does_not_depend_on_how_bytes_are_chunked(lines, rest, cuts, max_line):
+    stream = b"".join(line + ending for line, ending in lines) + rest
+    points = sorted({cut for cut in cuts if cut < len(stream)} | {0, len(stream)})
+    chunks = [stream[a:b] for a, b in itertools.pairwise(points)]
+
+    whole, whole_framer = frame([stream], max_line)
+    chunked, chunked_framer = frame(chunks, max_line)
+
+    assert chunked == whole
+    assert chunked_framer.overlong == whole_framer.overlong
+    assert chunked_framer.finish() == whole_framer.finish()
+    # Both agree with what the lines should be, overlong ones left out.
+    wanted = [_expected(line + ending, max_line) for line, ending in lines]
+    assert whole == [line for line in wanted if line is not None]
+
+
+@settings(deadline=None)  # a shared machine may pause any example
+@given(st.text())
+def test_sanitize_leaves_no_control_or_bidi_character(text):
+    clean = sanitize(text)
+    assert not forbidden_in(clean)
+    assert clean.encode("utf-8").decode("utf-8") == clean
+
+
+@settings(deadline=None)  # a shared machine may pause any example
+@given(st.text().filter(lambda t: not any(ord(c) in FORBIDDEN for c in t)))
+def test_sanitize_leaves_safe_text_alone(text):
+    assert sanitize(text) == text
+
+
+@settings(deadline=None)  # a shared machine may pause any example
+@given(st.binary(max_size=200).map(lambda b: b.replace(b"\n", b"")))
+def test_any_bytes_come_out_as_valid_clean_utf8(data):
+    framer = LineFramer(1000)
+    framer.feed(data + b"\n")
+    (line,) = drain(framer)
+    assert line.encode("utf-8").decode("utf-8") == line  # no lone surrogates
+    assert not forbidden_in(line)
+
+
+def test_sanitize_shows_controls_in_caret_notation():
+    assert sanitize("\x00\x1b[2J\x7f") == "^@^[[2J^?"
+    assert sanitize("a\tb") == "a b"
+    assert (
+        sanitize("\x9b31m \u202eevil \u2066x\u2069 \u200f")
+        == "\ufffd31m \ufffdevil \ufffdx\ufffd \ufffd"
+    )
+
+
+def test_encode_line_is_utf8_with_one_newline():
+    assert encode_line("héllo") == "héllo\n".encode()
+
+
+# --- Commands ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        ("hello there", Command("say", "hello there")),
+        ("//help is a command", Command("say", "/help is a command")),
+        ("//", Command("say", "/")),
+        ("exit", Command("quit", "")),
+        ("exit now", Command("say", "exit now")),
+        ("/quit", Command("quit", "")),
+        ("/QUIT", Command("quit", "")),
+        ("/Nick  alice ", Command("nick", "alice")),
+        ("/msg bob hi there", Command("msg", "bob hi there")),
+        ("/me waves", Command("me", "waves")),
+        ("/who", Command("who", "")),
+        ("/help", Command("help", "")),
+        ("/frobnicate x", Command("frobnicate", "x")),
+        ("/", Command("", "")),
+    ],
+)
+def test_parse_command(line, command):
+    assert parse_command(line) == command
+
+
+def test_every_command_has_usage_and_help():
+    assert set(COMMANDS) == {"nick", "who", "me", "msg", "help", "quit"}
+    for name, (usage, meaning) in COMMANDS.items():
+        assert usage.startswith("/" + name)
+        assert meaning
+
+
+@pytest.mark.parametrize("name", ["a", "x" * MAX_NAME_LENGTH, "Ünïcødé", "bob_2", "日本"])
+def test_good_names(name):
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "x" * (MAX_NAME_LENGTH + 1),
+        "two words",
+        "tab\there",
+        "nb\u00a0sp",
+        "<bob>",
+        "a<b",
+        "a>b",
+        "star*",
+        "ctl\x01",
+        "esc\x1b",
+        "del\x7f",
+        "c1\x9b",
+        "rlo\u202e",
+        "zwj\u200d",
+        "caret^A",
+        "repl\ufffd",
+    ],
+)
+def test_bad_names(name):
+    problem = name_problem(name)
+    assert problem and problem.endswith(".")
+
+
+def test_max_name_length_is_32():
+    assert MAX_NAME_LENGTH == 32
+
+
+# --- Server lines --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "parsed"),
+    [
+        ("<alice> hi <there>", ServerLine("message", "hi <there>", "alice")),
+        ("<alice> ", ServerLine("message", "", "alice")),
+        ("* alice waves", ServerLine("action", "waves", "alice")),
+        ("*alice* psst", ServerLine("private", "psst", "alice")),
+        ("-> *bob* psst", ServerLine("private-sent", "psst", "bob")),
+        ("*** alice joined.", ServerLine("notice", "alice joined.")),
+        ("!!! Unknown command /x.", ServerLine("error", "Unknown command /x.")),
+        ("hello", ServerLine("other", "hello")),
+        ("<two words> x", ServerLine("other", "<two words> x")),
+    ],
+)
+def test_parse_server_line(line, parsed):
+    assert parse_server_line(line) == parsed
+
+
+@pytest.mark.parametrize(
+    ("event", "fields", "text"),
+    [
+        (
+            "welcome",
+            {"name": "guest1"},
+            "Welcome to chatlib, guest1! Choose a name with /nick NAME; /help lists the commands.",
+        ),
+        ("members", {"count": 2, "names": "alice, bob"}, "Online (2): alice, bob"),
+        ("joined", {"name": "alice"}, "alice joined."),
+        ("left", {"name": "alice", "reason": ""}, "alice left."),
+        (
+            "left",
+            {"name": "alice", "reason": " (send queue exceeded)"},
+            "alice left (send queue exceeded).",
+        ),
+        ("renamed", {"old": "guest1", "name": "alice"}, "guest1 is now known as alice."),
+    ],
+)
+def test_notices_round_trip(event, fields, text):
+    assert format_notice(event, **fields) == text
+    parsed_event, parsed = parse_notice(text)
+    assert parsed_event == event
+    wanted = {key: str(value) for key, value in fields.items() if key != "reason"}
+    assert parsed == wanted
+
+
+def test_every_notice_is_covered():
+    assert set(NOTICES) == {"welcome", "members", "joined", "left", "renamed"}
+
+
+def test_other_notices_are_not_recognised():
+    assert parse_notice("The server is shutting down. Bye!") is None
+    assert parse_notice("alice joined. really") is None
+
+
+@settings(deadline=None)  # a shared machine may pause any example
+@given(st.text(min_size=1, max_size=MAX_NAME_LENGTH).filter(lambda n: name_problem(n) is None))
+def test_any_good_name_round_trips_through_notices_and_lines(name):
+    assert parse_notice(format_notice("joined", name=name)) == ("joined", {"name": name})
+    assert parse_server_line(f"<{name}> hi") == ServerLine("message", "hi", name)
+    assert parse_server_line(f"* {name} hi") == ServerLine("action", "hi", name)

@@ -1,0 +1,551 @@
+"""The room with no sockets: drive Room directly and read what each client would be sent."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatlib.protocol import COMMANDS, parse_notice, parse_server_line
+from chatlib.room import Limits, State
+from tests.helpers import RoomDriver
+
+NO_FLOOD = {"rate": 0}
+BYE_ALL = "*** The server is shutting down. Bye!"
+
+
+def notices(lines):
+    """Return the recognised notices among *lines*, as (event, fields)."""
+    found = []
+    for line in lines:
+        parsed = parse_server_line(line)
+        notice = parse_notice(parsed.text) if parsed.kind == "notice" else None
+        if notice:
+            found.append(notice)
+    return found
+
+
+@pytest.fixture
+def driver():
+    return RoomDriver(**NO_FLOOD)
+
+
+@pytest.fixture
+def trio(driver):
+    """Three clients, alice, bob and carol, with their inboxes emptied."""
+    conns = []
+    for name in ("alice", "bob", "carol"):
+        conn = driver.connect()
+        driver.say(conn, f"/nick {name}")
+        conns.append(conn)
+    driver.take_all()
+    return conns
+
+
+def test_limits_defaults_match_the_docs():
+    assert Limits() == Limits(max_clients=100, max_line=512, sendq=1024 * 1024, rate=2, burst=10)
+
+
+# --- Arriving, leaving, names --------------------------------------------------
+
+
+def test_a_new_client_gets_a_guest_name_and_a_welcome(driver):
+    first = driver.connect()
+    second = driver.connect()
+    assert (first.name, second.name) == ("guest1", "guest2")
+    assert first.state is State.OPEN
+    welcome, members = driver.take(second)
+    assert welcome == (
+        "*** Welcome to chatlib, guest2! Choose a name with /nick NAME; /help lists the commands."
+    )
+    assert members == "*** Online (2): guest1, guest2"
+    assert driver.room.members == ["guest1", "guest2"]
+
+
+def test_a_join_is_announced_to_the_others_only(driver):
+    first = driver.connect()
+    driver.take(first)
+    second = driver.connect()
+    assert driver.take(first) == ["*** guest2 joined."]
+    assert "*** guest2 joined." not in driver.take(second)
+
+
+def test_a_rename_is_announced_to_everyone(driver):
+    first, second = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.say(first, "/nick alice")
+    assert driver.take_all() == {
+        first: ["*** guest1 is now known as alice."],
+        second: ["*** guest1 is now known as alice."],
+    }
+    assert first.name == "alice"
+    driver.say(second, "/who")
+    assert driver.take(second) == ["*** Online (2): alice, guest2"]
+
+
+def test_guest_names_skip_names_someone_took(driver):
+    first = driver.connect()
+    driver.say(first, "/nick GUEST2")
+    assert driver.connect().name == "guest3"
+
+
+def test_a_leave_is_announced_to_the_others(trio, driver):
+    alice, bob, carol = trio
+    driver.lose(bob)
+    assert driver.take(alice) == ["*** bob left."]
+    assert driver.take(carol) == ["*** bob left."]
+    assert driver.room.members == ["alice", "carol"]
+    assert bob.state is State.CLOSED
+
+
+def test_connection_lost_announces_the_leave_once(trio, driver):
+    alice, bob, _ = trio
+    driver.lose(bob)
+    driver.lose(bob)
+    assert driver.take(alice) == ["*** bob left."]
+
+
+def test_connection_lost_after_quit_does_not_announce_again(trio, driver):
+    alice, bob, _ = trio
+    driver.say(bob, "/quit")
+    driver.lose(bob)
+    assert driver.take(alice) == ["*** bob left."]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x" * 33,
+        "two words",
+        "<bob>",
+        "a>b",
+        "star*",
+        "ctl\x01",
+        "esc\x1b[31m",
+        "rlo\u202e",
+        "zwj\u200d",
+    ],
+)
+def test_a_bad_name_is_refused_and_the_name_kept(trio, driver, name):
+    alice, bob, _ = trio
+    driver.say(alice, f"/nick {name}")
+    (error,) = driver.take(alice)
+    assert error.startswith("!!! ")
+    assert error.endswith("Your name is still alice.")
+    assert alice.name == "alice"
+    assert driver.take(bob) == []
+
+
+@pytest.mark.parametrize("name", ["bob", "BOB", "Bob", "bOb"])
+def test_a_taken_name_is_refused_ignoring_case(trio, driver, name):
+    alice, bob, _ = trio
+    driver.say(alice, f"/nick {name}")
+    assert driver.take(alice) == [f"!!! The name {name} is taken. Your name is still alice."]
+    assert alice.name == "alice"
+    assert driver.take(bob) == []
+
+
+def test_nick_without_a_name_shows_the_usage(trio, driver):
+    alice = trio[0]
+    driver.say(alice, "/nick")
+    assert driver.take(alice) == ["!!! Usage: /nick NAME (choose your name)."]
+
+
+def test_changing_the_case_of_your_own_name_is_allowed(trio, driver):
+    alice, bob, _ = trio
+    driver.say(alice, "/nick ALICE")
+    assert driver.take(bob) == ["*** alice is now known as ALICE."]
+
+
+def test_a_name_of_32_characters_is_fine(trio, driver):
+    alice = trio[0]
+    driver.say(alice, "/nick " + "n" * 32)
+    assert alice.name == "n" * 32
+
+
+# --- Messages and commands -----------------------------------------------------
+
+
+def test_a_message_goes_to_everyone_including_the_sender(trio, driver):
+    driver.say(trio[0], "hello <everyone>")
+    assert driver.take_all() == {conn: ["<alice> hello <everyone>"] for conn in trio}
+
+
+def test_everyone_sees_messages_in_the_same_order(trio, driver):
+    for round_ in range(5):
+        for conn in trio:
+            driver.say(conn, f"{conn.name} {round_}")
+    inboxes = list(driver.take_all().values())
+    assert inboxes[0] == inboxes[1] == inboxes[2]
+    assert len(inboxes[0]) == 15
+
+
+def test_blank_lines_are_ignored(trio, driver):
+    driver.send(trio[0], "\n  \r\n\t\n")
+    assert driver.take_all() == {conn: [] for conn in trio}
+
+
+def test_double_slash_says_a_line_starting_with_a_slash(trio, driver):
+    driver.say(trio[0], "//help is a command")
+    assert driver.take(trio[1]) == ["<alice> /help is a command"]
+
+
+def test_me_is_an_action_for_everyone(trio, driver):
+    driver.say(trio[0], "/me waves")
+    assert driver.take_all() == {conn: ["* alice waves"] for conn in trio}
+    driver.say(trio[0], "/me")
+    assert driver.take(trio[0]) == [
+        "!!! Usage: /me ACTION (say what you are doing, e.g. /me waves)."
+    ]
+
+
+def test_msg_reaches_only_the_two_parties(trio, driver):
+    alice, bob, carol = trio
+    driver.say(alice, "/msg BOB meet me at  noon")
+    assert driver.take_all() == {
+        alice: ["-> *bob* meet me at  noon"],
+        bob: ["*alice* meet me at  noon"],
+        carol: [],
+    }
+
+
+def test_msg_to_yourself_arrives_once(trio, driver):
+    alice = trio[0]
+    driver.say(alice, "/msg alice note to self")
+    assert driver.take_all() == {alice: ["*alice* note to self"], trio[1]: [], trio[2]: []}
+
+
+def test_msg_errors(trio, driver):
+    alice = trio[0]
+    driver.say(alice, "/msg nobody hi", "/msg bob", "/msg")
+    usage = "!!! Usage: /msg NAME TEXT (send a private message)."
+    assert driver.take(alice) == ["!!! Nobody here is called nobody.", usage, usage]
+    assert driver.take(trio[1]) == []
+
+
+def test_who_lists_everyone_in_order_of_arrival(trio, driver):
+    driver.say(trio[2], "/who")
+    assert driver.take_all() == {
+        trio[0]: [],
+        trio[1]: [],
+        trio[2]: ["*** Online (3): alice, bob, carol"],
+    }
+
+
+def test_help_lists_every_command(trio, driver):
+    driver.say(trio[0], "/HELP")
+    lines = driver.take(trio[0])
+    assert all(line.startswith("*** ") for line in lines)
+    text = "\n".join(lines)
+    for usage, meaning in COMMANDS.values():
+        assert usage in text and meaning in text
+    assert "//" in text
+    assert driver.take(trio[1]) == []
+
+
+@pytest.mark.parametrize("line", ["/quit", "/QUIT", "exit"])
+def test_quit_says_bye_and_closes(trio, driver, line):
+    alice, bob, _ = trio
+    driver.say(alice, line, "after quit")
+    assert driver.take(alice) == ["*** Bye, alice!"]
+    assert driver.take(bob) == ["*** alice left."]
+    assert alice.state is State.CLOSING
+    assert driver.closed[alice] is State.CLOSING
+    assert driver.room.members == ["bob", "carol"]
+
+
+def test_an_unknown_command_gets_an_error(trio, driver):
+    driver.say(trio[0], "/frobnicate now", "/")
+    assert driver.take(trio[0]) == [
+        "!!! Unknown command /frobnicate. Type /help for the list.",
+        "!!! Unknown command /. Type /help for the list.",
+    ]
+    assert driver.take(trio[1]) == []
+
+
+def test_commands_ignore_case(trio, driver):
+    driver.say(trio[0], "/Me waves", "/WHO")
+    assert driver.take(trio[0]) == ["* alice waves", "*** Online (3): alice, bob, carol"]
+
+
+# --- Bad input -----------------------------------------------------------------
+
+
+def test_an_overlong_line_is_never_relayed_and_the_sender_told():
+    driver = RoomDriver(max_line=16, **NO_FLOOD)
+    alice, bob = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.say(alice, "x" * 17, "y" * 16)
+    assert driver.take(alice) == [
+        "!!! Line too long (the limit is 16 bytes); it was not sent.",
+        "<guest1> " + "y" * 16,
+    ]
+    assert driver.take(bob) == ["<guest1> " + "y" * 16]
+
+
+def test_an_endless_line_is_reported_before_it_ends():
+    driver = RoomDriver(max_line=16, **NO_FLOOD)
+    alice, bob = driver.connect(), driver.connect()
+    driver.take_all()
+    for _ in range(100):
+        driver.send(alice, "z" * 100)
+    assert driver.take(alice) == ["!!! Line too long (the limit is 16 bytes); it was not sent."]
+    driver.send(alice, "zzz\nfine\n")
+    assert driver.take_all() == {alice: ["<guest1> fine"], bob: ["<guest1> fine"]}
+
+
+def test_short_lines_do_not_pile_up_in_memory():
+    driver = RoomDriver(**NO_FLOOD)
+    alice = driver.connect()
+    driver.say(alice, "warm up")
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        chunk = b"".join(b"line %d\n" % i for i in range(100))
+        for _ in range(150):
+            driver.send(alice, chunk)
+            driver.take(alice)
+        growth = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert growth < 64 * 1024, f"the room kept {growth} bytes after {150 * len(chunk)} bytes read"
+
+
+def test_invalid_utf8_comes_out_as_valid_utf8(trio, driver):
+    driver.send(trio[0], b"caf\xc3 \xff ok \xed\xa0\x80\n")
+    # RoomDriver decodes strictly: invalid UTF-8 would fail here.
+    assert driver.take(trio[1]) == ["<alice> caf\ufffd \ufffd ok \ufffd\ufffd\ufffd"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "shown"),
+    [
+        ("\x1b[2J\x1b[31mred", "^[[2J^[[31mred"),
+        ("\x1b]0;pwned\x07", "^[]0;pwned^G"),
+        ("fake\rline", "fake^Mline"),
+        ("back\x08\x08space", "back^H^Hspace"),
+        ("del\x7f", "del^?"),
+        ("c1 \u009b31m csi", "c1 \ufffd31m csi"),
+        ("\u202eevil", "\ufffdevil"),
+        ("\u2066iso\u2069", "\ufffdiso\ufffd"),
+        ("nul\x00", "nul^@"),
+    ],
+)
+def test_escape_injection_is_neutralised(trio, driver, sent, shown):
+    driver.say(trio[0], sent, "/me " + sent, "/msg bob " + sent, "/" + sent)
+    assert driver.take(trio[1])[:3] == [f"<alice> {shown}", f"* alice {shown}", f"*alice* {shown}"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=8))
+def test_any_bytes_in_give_clean_utf8_out(chunks):
+    driver = RoomDriver(max_line=40, **NO_FLOOD)
+    sender, other = driver.connect(), driver.connect()
+    for chunk in chunks:
+        driver.send(sender, chunk)  # RoomDriver checks every line sent out
+    driver.eof(sender)
+    assert sender.state is State.CLOSING
+    assert ("left", {"name": sender.name}) in notices(driver.take(other))
+
+
+def test_a_client_over_its_send_queue_is_dropped():
+    driver = RoomDriver(sendq=1000, **NO_FLOOD)
+    reader, sleeper, sender = driver.connect(), driver.connect(), driver.connect()
+    driver.stalled.add(sleeper)
+    driver.take_all()
+    sent = 0
+    while sleeper.state is State.OPEN:
+        driver.say(sender, "x" * 80)
+        sent += 1
+        assert sent < 20, "the sleeper was never dropped"
+    assert sleeper.state is State.CLOSED
+    assert driver.closed[sleeper] is State.CLOSED
+    assert sleeper.data_to_send() == b""  # its queue was freed
+    assert driver.room.members == ["guest1", "guest3"]
+    lines = driver.take(reader)
+    assert lines[-1] == "*** guest2 left (send queue exceeded)."
+    assert sum(line.startswith("<") for line in lines) == sent
+    driver.lose(sleeper)
+    assert driver.take(reader) == []  # told once
+
+
+def test_a_reading_client_is_never_dropped():
+    driver = RoomDriver(sendq=1000, **NO_FLOOD)
+    reader, sender = driver.connect(), driver.connect()
+    for _ in range(100):
+        driver.say(sender, "x" * 80)
+    assert reader.state is State.OPEN
+
+
+# --- Flood control ------------------------------------------------------------
+
+
+def test_a_burst_passes_then_lines_are_delayed_not_lost():
+    driver = RoomDriver(rate=2, burst=3)
+    flooder, other = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.say(flooder, *[f"line {i}" for i in range(6)])
+    assert driver.take(other) == ["<guest1> line 0", "<guest1> line 1", "<guest1> line 2"]
+    assert driver.take(flooder)[-1] == (
+        "*** Slow down: over 2 lines a second, your lines are delayed."
+    )
+    assert flooder.resume_at == pytest.approx(0.5)
+
+    # Someone else is not held up by the flooder.
+    driver.say(other, "unaffected")
+    assert driver.take(other) == ["<guest2> unaffected"]
+
+    # One line every 1/rate seconds from now on, none lost, in order.
+    for i in range(3, 6):
+        driver.now = flooder.resume_at
+        driver.resume(flooder)
+        assert driver.take(other) == [f"<guest1> line {i}"]
+    assert flooder.resume_at is None
+    assert driver.take(flooder) == ["<guest2> unaffected"] + [
+        f"<guest1> line {i}" for i in range(3, 6)
+    ]
+
+
+def test_resuming_early_delays_again():
+    driver = RoomDriver(rate=4, burst=1)
+    flooder, other = driver.connect(), driver.connect()
+    driver.say(flooder, "a", "b")
+    driver.take_all()
+    assert flooder.resume_at == pytest.approx(0.25)
+    driver.now = 0.1
+    driver.resume(flooder)
+    assert driver.take(other) == []
+    assert flooder.resume_at == pytest.approx(0.25)
+    driver.now = 0.25
+    driver.resume(flooder)
+    assert driver.take(other) == ["<guest1> b"]
+
+
+def test_the_budget_refills_at_the_rate_up_to_the_burst():
+    driver = RoomDriver(rate=2, burst=3)
+    flooder, other = driver.connect(), driver.connect()
+    driver.say(flooder, "a", "b", "c")
+    driver.now = 1.0  # two lines' worth back
+    driver.take_all()
+    driver.say(flooder, "d", "e", "f")
+    assert len(driver.take(other)) == 2
+    assert flooder.resume_at == pytest.approx(1.5)
+    driver.now = 100.0  # a long pause refills only up to the burst: f, g and h
+    driver.resume(flooder)
+    driver.say(flooder, *"ghijk")
+    assert driver.take(other) == [f"<guest1> {c}" for c in "fgh"]
+
+
+def test_the_slow_down_notice_is_sent_once_per_flood():
+    driver = RoomDriver(rate=10, burst=2)
+    flooder = driver.connect()
+    driver.take(flooder)
+    driver.say(flooder, *"abcde")
+    while flooder.resume_at is not None:
+        driver.now = flooder.resume_at
+        driver.resume(flooder)
+    lines = driver.take(flooder)
+    assert sum(line.startswith("*** Slow down") for line in lines) == 1
+    assert [line for line in lines if line.startswith("<")] == [f"<guest1> {c}" for c in "abcde"]
+
+
+def test_rate_zero_turns_flood_control_off():
+    driver = RoomDriver(rate=0, burst=1)
+    flooder, other = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.say(flooder, *[str(i) for i in range(500)])
+    assert len(driver.take(other)) == 500
+    assert flooder.resume_at is None
+    assert not any(line.startswith("*** Slow down") for line in driver.take(flooder))
+
+
+def test_default_limits_throttle_after_a_burst_of_ten():
+    driver = RoomDriver()
+    flooder, other = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.say(flooder, *[str(i) for i in range(12)])
+    assert len(driver.take(other)) == 10
+    assert flooder.resume_at == pytest.approx(0.5)
+
+
+# --- End of stream, lost connections, full room, shutdown -------------------------
+
+
+def test_eof_delivers_the_final_line_then_closes(trio, driver):
+    alice, bob, _ = trio
+    driver.send(alice, "first\nlast words")
+    assert driver.take(bob) == ["<alice> first"]
+    driver.take(alice)
+    driver.eof(alice)
+    assert driver.take(bob) == ["<alice> last words", "*** alice left."]
+    assert driver.take(alice) == ["<alice> last words"]
+    assert alice.state is State.CLOSING
+    assert driver.room.members == ["bob", "carol"]
+
+
+def test_eof_while_throttled_keeps_the_lines():
+    driver = RoomDriver(rate=1, burst=1)
+    flooder, other = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.send(flooder, "one\ntwo\nthree")
+    driver.eof(flooder)
+    assert flooder.state is State.OPEN  # still owes lines: the engine calls resume()
+    while flooder.resume_at is not None:
+        driver.now = flooder.resume_at
+        driver.resume(flooder)
+    assert driver.take(other) == [
+        "<guest1> one",
+        "<guest1> two",
+        "<guest1> three",
+        "*** guest1 left.",
+    ]
+    assert flooder.state is State.CLOSING
+
+
+def test_a_final_line_over_the_limit_is_not_relayed_at_eof():
+    driver = RoomDriver(max_line=16, **NO_FLOOD)
+    alice, bob = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.send(alice, "x" * 17)
+    driver.eof(alice)
+    assert driver.take(bob) == ["*** guest1 left."]
+    assert driver.take(alice) == ["!!! Line too long (the limit is 16 bytes); it was not sent."]
+
+
+def test_a_full_room_turns_the_next_client_away():
+    driver = RoomDriver(max_clients=2, **NO_FLOOD)
+    first, second = driver.connect(), driver.connect()
+    driver.take_all()
+    extra = driver.connect()
+    assert extra.state is State.CLOSING
+    assert driver.take(extra) == ["*** Sorry, the server is full (2 clients)."]
+    assert driver.take(first) == [] and driver.take(second) == []
+    assert driver.room.members == ["guest1", "guest2"]
+    driver.say(extra, "let me in")  # ignored: it is not in the room
+    driver.lose(extra)
+    assert driver.take_all() == {first: [], second: [], extra: []}
+
+    driver.lose(first)
+    newcomer = driver.connect()
+    assert newcomer.state is State.OPEN
+    assert driver.take(newcomer)[0].startswith("*** Welcome to chatlib, ")
+    assert len(driver.room.members) == 2
+
+
+def test_shut_down_says_bye_to_everyone(trio, driver):
+    driver.shut_down()
+    assert driver.take_all() == {conn: [BYE_ALL] for conn in trio}
+    assert all(conn.state is State.CLOSING for conn in trio)
+    assert driver.room.members == []
+
+
+def test_take_ready_returns_each_connection_once(trio, driver):
+    room = driver.room
+    room.receive_data(trio[0], b"a\nb\n", 0.0)
+    ready = room.take_ready()
+    assert sorted(conn.name for conn in ready) == ["alice", "bob", "carol"]
+    assert room.take_ready() == []
+    assert trio[1].data_to_send() == b"<alice> a\n<alice> b\n"
+    assert trio[1].data_to_send() == b""

@@ -1,0 +1,599 @@
+"""Small helpers for the course notebooks: test clients, a naive server, checks.
+
+Nothing here is part of the chat server. The notebooks use these helpers to
+poke at real servers without waiting on luck:
+
+- :class:`LineClient` is a blocking line-at-a-time TCP client whose every
+  read has a deadline, so a cell that expects a line either gets it or says
+  it did not come, instead of hanging the kernel;
+- :class:`BackgroundReader` keeps reading a client's lines in a thread (it
+  never prints: a print from a thread lands in a random notebook cell);
+- :class:`NaiveChatServer` is the broadcast loop of lesson 03, the design
+  that lets one client that stops reading stall everyone;
+- the ``check_*`` functions are the exercises' self-checks.
+
+Framing and sanitising come from :mod:`chatlib.protocol`, as everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+
+from chatlib.protocol import READ_SIZE, LineFramer, encode_line
+from chatlib.room import Limits, Room
+
+__all__ = [
+    "BackgroundReader",
+    "LineClient",
+    "NaiveChatServer",
+    "check_bounded_queue",
+    "check_lines_before_drop",
+    "check_read_lines",
+    "check_read_to_end",
+    "check_recv_exactly",
+    "check_safe_clients",
+    "check_threads_for",
+    "send_in_background",
+    "threads_named",
+    "wait_until",
+]
+
+#: Longest line the test clients accept: far above anything a server sends,
+#: so only a broken server hits it.
+CLIENT_MAX_LINE = 1024 * 1024
+
+Matcher = str | Callable[[str], bool]
+
+
+def _matches(matcher: Matcher, line: str) -> bool:
+    return matcher(line) if callable(matcher) else line == matcher
+
+
+# --- Clients -----------------------------------------------------------------
+
+
+class LineClient:
+    """A blocking TCP client that reads whole lines, each read with a deadline.
+
+    Reads raise :class:`TimeoutError` when nothing arrives in time and
+    return ``None`` once the server has closed the connection. Every line
+    read is also kept in :attr:`received`, for transcripts.
+
+    *rcvbuf* sets ``SO_RCVBUF`` before connecting, which keeps the kernel
+    from growing the receive buffer: lesson 03 uses it for a client that
+    never reads.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        timeout: float = 5.0,
+        rcvbuf: int | None = None,
+    ) -> None:
+        self.address = address
+        #: The default deadline, in seconds, of every read.
+        self.timeout = timeout
+        #: Every line read so far, in order.
+        self.received: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            # Before connect(): the window the peer may fill is agreed then.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._framer = LineFramer(CLIENT_MAX_LINE)
+        self._eof = False
+
+    # --- Public methods -------------------------------------------------
+
+    def send_line(self, text: str) -> None:
+        """Send *text* as one line (UTF-8, ending in ``\\n``)."""
+        self.sock.sendall(encode_line(text))
+
+    def read_line(self, timeout: float | None = None) -> str | None:
+        """Return the next line, or ``None`` once the server has closed.
+
+        Wait at most *timeout* seconds (default :attr:`timeout`); raise
+        :class:`TimeoutError` if no whole line came by then.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while (line := self._framer.next_line()) is None:
+            if self._eof:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no line arrived in time")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except TimeoutError:
+                raise TimeoutError("no line arrived in time") from None
+            except ConnectionError:
+                data = b""
+            finally:
+                self.sock.settimeout(self.timeout)
+            if not data:
+                self._eof = True
+                line = self._framer.finish()
+                if line is not None:
+                    break
+                return None
+            self._framer.feed(data)
+        self.received.append(line)
+        return line
+
+    def read_until(self, matcher: Matcher, timeout: float | None = None) -> list[str]:
+        """Read lines until one equals *matcher* (or makes it return true).
+
+        Return the lines read, the matching one last. Raise
+        :class:`TimeoutError` if it does not come within *timeout* seconds
+        in all, and :class:`EOFError` if the server closes first.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        lines = []
+        while True:
+            line = self.read_line(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise EOFError(f"the server closed the connection after {lines[-3:]}")
+            lines.append(line)
+            if _matches(matcher, line):
+                return lines
+
+    def wait_for(self, matcher: Matcher, timeout: float) -> bool:
+        """Return whether a matching line arrives within *timeout* seconds."""
+        try:
+            self.read_until(matcher, timeout)
+        except (TimeoutError, EOFError):
+            return False
+        return True
+
+    def read_to_end(self, timeout: float | None = None) -> list[str]:
+        """Read every line until the server closes the connection."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        lines = []
+        while (line := self.read_line(max(0.0, deadline - time.monotonic()))) is not None:
+            lines.append(line)
+        return lines
+
+    def close(self) -> None:
+        """Close the connection (shutting it down first wakes any reader thread)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def __enter__(self) -> LineClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        state = "closed" if self.sock.fileno() < 0 else "open"
+        return f"<LineClient to {host}:{port} {state}>"
+
+
+class BackgroundReader:
+    """Read a :class:`LineClient`'s lines in a daemon thread, silently.
+
+    The thread stores lines and never prints (in a notebook, output from a
+    thread lands in whichever cell ran last). Ask it questions from the
+    notebook instead: :meth:`wait_for`, :attr:`lines`, :attr:`byte_count`.
+    It takes over the client (lines the client had received but not yet
+    returned come first), so do not call the client's ``read_*`` methods
+    any more. It ends when the connection does; close the client to end it.
+    """
+
+    def __init__(self, client: LineClient) -> None:
+        self.client = client
+        self._lines: list[str] = []
+        self._bytes = 0
+        self._changed = threading.Condition()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="BackgroundReader")
+        self._thread.start()
+
+    # --- Public methods -------------------------------------------------
+
+    @property
+    def lines(self) -> list[str]:
+        """Return a copy of the lines read so far."""
+        with self._changed:
+            return list(self._lines)
+
+    @property
+    def byte_count(self) -> int:
+        """Return how many bytes of lines were read (newlines included)."""
+        with self._changed:
+            return self._bytes
+
+    def wait_for(self, matcher: Matcher, timeout: float) -> bool:
+        """Return whether a matching line has arrived, waiting at most *timeout* s."""
+        return self.wait_for_count(matcher, 1, timeout)
+
+    def wait_for_count(self, matcher: Matcher, count: int, timeout: float) -> bool:
+        """Return whether *count* matching lines have arrived within *timeout* s."""
+        checked = found = 0
+
+        def enough() -> bool:
+            nonlocal checked, found
+            # Look at each line once, however often we are woken.
+            found += sum(_matches(matcher, line) for line in self._lines[checked:])
+            checked = len(self._lines)
+            return found >= count or self._done
+
+        with self._changed:
+            self._changed.wait_for(enough, timeout)
+            return found >= count
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the connection to end; return whether it did in time."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # --- Private methods ------------------------------------------------
+
+    def _run(self) -> None:
+        # Take over the client's framer: it may hold lines already received.
+        sock, framer = self.client.sock, self.client._framer
+        try:
+            sock.settimeout(None)  # the owner ends us by closing the client
+            while True:
+                new = []
+                while (line := framer.next_line()) is not None:
+                    new.append(line)
+                with self._changed:
+                    self._lines += new
+                    self._bytes += sum(len(line.encode()) + 1 for line in new)
+                    self._changed.notify_all()
+                data = sock.recv(READ_SIZE)
+                if not data:
+                    break
+                framer.feed(data)
+        except OSError:
+            pass  # closed under us, or reset: either way, the end
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
+
+
+def send_in_background(
+    target: LineClient | socket.socket, data: bytes | Iterable[str]
+) -> threading.Thread:
+    """Send *data* (bytes, or lines of text) from a daemon thread; return the thread.
+
+    Sending blocks once the receiver stops reading, which is exactly what
+    lessons 01 and 03 are about; the thread lets the notebook go on
+    meanwhile. It never raises or prints: if the connection fails, it just
+    ends. Join it to wait.
+    """
+    sock = target.sock if isinstance(target, LineClient) else target
+    if not isinstance(data, bytes):
+        data = b"".join(encode_line(line) for line in data)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)  # no deadline: it may have to wait for a stall to end
+            sock.sendall(data)
+
+    thread = threading.Thread(target=send, daemon=True, name="send_in_background")
+    thread.start()
+    return thread
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Return whether *condition()* became true within *timeout* seconds.
+
+    For states nobody announces (a thread has ended, a count has dropped),
+    poll instead of sleeping a guessed amount: a cell then waits only as
+    long as it must, and says so when the state never comes.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def threads_named(suffix: str) -> int:
+    """Return how many live threads have a name ending in *suffix*.
+
+    Python names an unnamed thread after its target, e.g.
+    ``"Thread-7 (_read)"``, so ``threads_named("(_read)")`` counts the
+    threaded engine's reader threads.
+    """
+    return sum(thread.name.endswith(suffix) for thread in threading.enumerate())
+
+
+# --- The naive server of lesson 03 --------------------------------------------
+
+
+class NaiveChatServer:
+    """A chat server that broadcasts with a loop of ``sendall`` under one lock.
+
+    This is the textbook design, kept small so a learner can read it whole.
+    Each client gets a thread that reads its lines; each line goes to every
+    client (the sender too) as ``<guestN> text``, one ``sendall`` after
+    another. ``sendall`` blocks while a receiver's buffers are full, so a
+    single client that stops reading holds the lock and stalls the room.
+
+    Same life cycle as chatlib's servers: ``start()``, ``address``, ``stop()``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._listener = socket.create_server((host, port))
+        #: ``(host, port)`` the server listens on.
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self.clients: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._names = itertools.count(1)
+
+    # --- Public methods -------------------------------------------------
+
+    def start(self) -> NaiveChatServer:
+        """Accept clients in a background thread and return self."""
+        self._start_thread(self._accept_forever)
+        return self
+
+    def broadcast(self, data: bytes) -> None:
+        """Send *data* to every client, one ``sendall`` after another.
+
+        Can you spot the problem? The lock is held while ``sendall`` waits
+        for the slowest receiver.
+        """
+        with self.lock:
+            for client in self.clients:
+                with contextlib.suppress(OSError):  # its own thread notices
+                    client.sendall(data)
+
+    def stop(self) -> None:
+        """Stop accepting, disconnect every client and end every thread."""
+        # On Linux, shutdown() wakes a thread blocked in accept(), recv() or
+        # sendall() on that socket; close() alone would not.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for client in list(self.clients):
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(2.0)
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        return f"<NaiveChatServer on {host}:{port}>"
+
+    # --- Private methods ------------------------------------------------
+
+    def _start_thread(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_forever(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # stop() shut the listener down
+            # Nagle's algorithm would hold back each small line for an ACK;
+            # that is a different lesson, so send at once.
+            with contextlib.suppress(OSError):  # already reset: _serve will see
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._start_thread(self._serve, sock, f"guest{next(self._names)}")
+
+    def _serve(self, sock: socket.socket, name: str) -> None:
+        framer = LineFramer(CLIENT_MAX_LINE)
+        with self.lock:
+            self.clients.append(sock)
+            with contextlib.suppress(OSError):
+                sock.sendall(encode_line(f"*** Welcome, {name}!"))
+        try:
+            while data := sock.recv(READ_SIZE):
+                framer.feed(data)
+                while (line := framer.next_line()) is not None:
+                    self.broadcast(encode_line(f"<{name}> {line}"))
+        except OSError:
+            pass
+        with self.lock:
+            self.clients.remove(sock)
+        sock.close()
+
+
+# --- Exercise checks -----------------------------------------------------------
+
+
+def _passed(name: str, count: int) -> str:
+    return f"{name}: all {count} checks passed"
+
+
+def check_read_lines(read_lines: Callable[[list[bytes], int], list[str]]) -> str:
+    """Check lesson 01's ``read_lines(chunks, max_line)``; raise AssertionError if wrong."""
+    cases = [
+        ([b"he", b"llo\n"], 100, ["hello"]),
+        ([b"one\ntwo\nthr", b"ee\n"], 100, ["one", "two", "three"]),
+        ([b"crlf\r\n"], 100, ["crlf"]),
+        ([b"caf\xc3", b"\xa9\n"], 100, ["caf\u00e9"]),
+        ([b"x" * 50 + b"\nok\n"], 10, ["ok"]),
+        ([b"no newline yet"], 100, []),
+    ]
+    for chunks, max_line, expected in cases:
+        got = read_lines(chunks, max_line)
+        assert got == expected, f"read_lines({chunks!r}, {max_line}) gave {got!r}, not {expected!r}"
+    return _passed("read_lines", len(cases))
+
+
+def check_recv_exactly(recv_exactly: Callable[[socket.socket, int], bytes]) -> str:
+    """Check lesson 01's ``recv_exactly(sock, n)`` against data sent in pieces."""
+    pieces = [b"he", b"llo", b" wor", b"ld!", b"extra"]
+    a, b = socket.socketpair()
+    b.settimeout(5)
+    stop = threading.Event()
+
+    def dribble() -> None:
+        # Never raise here: a traceback from a thread lands in a random cell.
+        with contextlib.suppress(OSError):
+            for piece in pieces:
+                a.sendall(piece)
+                # Give the reader a chance to see each piece alone.
+                if stop.wait(0.01):
+                    return
+
+    sender = threading.Thread(target=dribble, daemon=True)
+    sender.start()
+    try:
+        first = recv_exactly(b, 5)
+        assert first == b"hello", f"recv_exactly(sock, 5) gave {first!r}, not b'hello'"
+        second = recv_exactly(b, 7)
+        assert second == b" world!", f"then recv_exactly(sock, 7) gave {second!r}, not b' world!'"
+        sender.join(5)
+        a.close()
+        try:
+            recv_exactly(b, 10)
+        except EOFError:
+            pass
+        else:
+            raise AssertionError("recv_exactly should raise EOFError when the stream ends early")
+    finally:
+        stop.set()
+        sender.join(5)
+        a.close()
+        b.close()
+    return _passed("recv_exactly", 3)
+
+
+def check_threads_for(threads_for: Callable[[int], int]) -> str:
+    """Check lesson 02's ``threads_for(n)`` for the threaded engine, by counting.
+
+    Counts the threads one server adds while *n* clients are connected: its
+    accepting thread, and whatever it starts per client.
+    """
+    from chatlib.engines.threads import ChatServer
+
+    def engine_threads() -> int:
+        return threads_named("(_read)") + threads_named("(_write)") + threads_named(" server")
+
+    for n in (0, 1, 3):
+        before = engine_threads()
+        with ChatServer("127.0.0.1", 0) as server:
+            clients = [LineClient(server.address) for _ in range(n)]
+            for client in clients:
+                client.read_until(lambda line: line.startswith("*** Online"))
+            counted = engine_threads() - before
+            for client in clients:
+                client.close()
+        wait_until(lambda before=before: engine_threads() <= before, 5.0)
+        assert threads_for(n) == counted, (
+            f"with {n} clients the engine runs {counted} threads, "
+            f"counting the one that accepts; threads_for({n}) gave {threads_for(n)}"
+        )
+    return _passed("threads_for", 3)
+
+
+def check_safe_clients(make_clients: Callable[[], object]) -> str:
+    """Check lesson 02's thread-safe client list: ``add``, ``remove``, ``snapshot``.
+
+    Reproduces the lesson's race on purpose: one thread walks the list while
+    another adds to it in the middle. The walk must neither fail nor lose
+    the new client.
+    """
+    clients = make_clients()
+    clients.add("alice")
+    clients.add("bob")
+    inside = threading.Event()
+    errors: list[BaseException] = []
+
+    def walk() -> None:
+        try:
+            for _ in clients.snapshot():
+                inside.set()
+                time.sleep(0.05)  # a slow send, as in lesson 03
+        except Exception as error:  # report whatever broke
+            errors.append(error)
+
+    walker = threading.Thread(target=walk)
+    walker.start()
+    assert inside.wait(5), "snapshot() returned nothing to walk over"
+    clients.add("carol")
+    walker.join(5)
+    assert not errors, f"walking the snapshot failed: {errors[0]!r}"
+    assert sorted(clients.snapshot()) == ["alice", "bob", "carol"], clients.snapshot()
+    clients.remove("bob")
+    assert sorted(clients.snapshot()) == ["alice", "carol"], clients.snapshot()
+    return _passed("client list", 3)
+
+
+def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str:
+    """Check lesson 03's ``lines_before_drop(sendq, line_size)`` against a real Room.
+
+    The room is sans-I/O, so this needs no sockets: a client that never
+    takes its data is sent lines until the room drops it.
+    """
+    cases = [(1000, 100), (1024, 20), (64 * 1024, 500)]
+    for sendq, line_size in cases:
+        room = Room(Limits(sendq=sendq, rate=0, max_line=max(line_size, 512)))
+        stuck = room.connect("stuck")
+        talker = room.connect("talker")
+        room.take_ready()
+        stuck.data_to_send()  # the welcome lines were written out
+        text = "x" * (line_size - len("<guest2> ") - 1)
+        sent = 0
+        while stuck.state.name == "OPEN" and sent <= sendq:
+            room.receive_data(talker, encode_line(text), 0.0)
+            talker.data_to_send()
+            sent += 1
+        got = lines_before_drop(sendq, line_size)
+        assert got == sent - 1, (
+            f"with sendq={sendq} and {line_size}-byte lines the room held {sent - 1} lines "
+            f"and dropped the client at line {sent}; lines_before_drop gave {got}"
+        )
+    return _passed("lines_before_drop", len(cases))
+
+
+def check_bounded_queue(make_queue: Callable[[int], object]) -> str:
+    """Check lesson 03's ``BoundedQueue(cap)``: ``put(data) -> bool`` and ``take() -> bytes``."""
+    queue = make_queue(10)
+    assert queue.put(b"hello") is True, "put() should accept data that fits"
+    assert queue.put(b"world") is True, "10 bytes fit in a cap of 10"
+    assert queue.take() == b"helloworld", "take() returns everything queued, in order"
+    assert queue.take() == b"", "take() empties the queue"
+    assert queue.put(b"12345678") is True
+    assert queue.put(b"123") is False, "put() refuses data that would pass the cap"
+    return _passed("BoundedQueue", 6)
+
+
+def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:
+    """Check lesson 04's ``read_to_end(sock)``: every line until EOF, the last unterminated."""
+    cases = [
+        ([b"one\ntw", b"o\n"], ["one", "two"]),
+        ([b"bye\nlast words"], ["bye", "last words"]),
+        ([b"\x1b[2Jboo\n"], ["^[[2Jboo"]),
+    ]
+    for chunks, expected in cases:
+        a, b = socket.socketpair()
+        b.settimeout(5)
+        try:
+            for chunk in chunks:
+                a.sendall(chunk)
+            a.shutdown(socket.SHUT_WR)
+            got = read_to_end(b)
+        finally:
+            a.close()
+            b.close()
+        assert got == expected, f"after {chunks!r} and EOF: {got!r}, not {expected!r}"
+    return _passed("read_to_end", len(cases))

@@ -1,0 +1,296 @@
+"""Check the course's structure: names, navigation, sections, and hygiene.
+
+nbval (``make test``) re-runs every notebook and compares its outputs; these
+tests check what nbval does not: that the notebooks form one course with one
+naming scheme and one layout, that their links lead somewhere, and that the
+README and the course map in notebook 00 list every notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+NAME = re.compile(r"(?P<number>\d{2})-[a-z0-9]+(?:-[a-z0-9]+)*\.ipynb")
+TITLE = re.compile(r"# (?P<number>\d{2}) · (?P<title>\S.*)")
+LINK = re.compile(r"\[(?P<text>[^\]]+)\]\((?P<target>[^)\s]+)\)")
+SOLUTION = "# Solution — replace with your own and re-run the check"
+FINISHED = "The finished version of this lesson lives in `chatlib/"
+RAISES_MARKER = re.compile(r"^\s*#\s*NBVAL_RAISES_EXCEPTION\s*$", re.MULTILINE)
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _source(cell: dict) -> str:
+    source = cell["source"]
+    return source if isinstance(source, str) else "".join(source)
+
+
+def _markdown(nb: dict) -> list[str]:
+    return [_source(cell) for cell in nb["cells"] if cell["cell_type"] == "markdown"]
+
+
+def _title(path: Path) -> str:
+    """Return "NN · Title" from the notebook's first line."""
+    first_line = _source(_load(path)["cells"][0]).splitlines()[0]
+    match = TITLE.fullmatch(first_line)
+    assert match, f"{path.name}: the first line should be '# NN · Title', not {first_line!r}"
+    return f"{match['number']} · {match['title']}"
+
+
+def _heading_index(nb: dict, heading: str) -> int:
+    """Return the index of the first cell with a markdown line equal to *heading*."""
+    for index, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "markdown" and heading in _source(cell).splitlines():
+            return index
+    return -1
+
+
+def _is_expected_error(cell: dict) -> bool:
+    tags = cell.get("metadata", {}).get("tags", [])
+    return bool(RAISES_MARKER.search(_source(cell))) or "raises-exception" in tags
+
+
+def _section(text: str, heading: str) -> str:
+    """Return the body of the markdown section *heading* (up to the next ``## ``)."""
+    _, found, rest = text.partition(heading + "\n")
+    assert found, f"no {heading!r} section"
+    return re.split(r"^## ", rest, maxsplit=1, flags=re.MULTILINE)[0]
+
+
+by_name = pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ has no .ipynb files"
+
+
+def test_names_follow_one_scheme_numbered_from_00_without_gaps():
+    numbers = []
+    for path in NOTEBOOKS:
+        match = NAME.fullmatch(path.name)
+        assert match, f"{path.name} does not match NN-kebab-title.ipynb"
+        numbers.append(int(match["number"]))
+    assert numbers == list(range(len(NOTEBOOKS))), f"notebook numbers {numbers} are not 00, 01, …"
+
+
+@by_name
+def test_kernel_is_the_plain_python3_kernel(path):
+    spec = _load(path)["metadata"]["kernelspec"]
+    assert spec["name"] == "python3"
+    assert spec["display_name"] == "Python 3 (ipykernel)"
+
+
+@by_name
+def test_first_cell_has_title_navigation_and_goals(path):
+    nb = _load(path)
+    first = nb["cells"][0]
+    assert first["cell_type"] == "markdown", f"{path.name}: the first cell should be markdown"
+    lines = [line for line in _source(first).splitlines() if line.strip()]
+    assert _title(path).startswith(path.name[:2] + " · "), "the title's number is the file's"
+    nav_links = LINK.findall(lines[1])
+    assert nav_links, f"{path.name}: the second line should be the navigation line"
+    assert ("Course map", "00-course-map.ipynb") in nav_links
+    assert lines[2] == "## Goals", f"{path.name}: the navigation line is followed by ## Goals"
+    assert lines[3] == "By the end you can …", f"{path.name}: Goals start 'By the end you can …'"
+    bullets = [line for line in lines[4:] if line.startswith("- ")]
+    assert 3 <= len(bullets) <= 5, f"{path.name}: Goals should have 3 to 5 bullets"
+
+
+@by_name
+def test_navigation_links_lead_to_the_neighbours_by_their_titles(path):
+    index = NOTEBOOKS.index(path)
+    nav = [line for line in _source(_load(path)["cells"][0]).splitlines() if line.strip()][1]
+    links = LINK.findall(nav)
+    for _, target in links:
+        assert (NOTEBOOKS_DIR / target).exists(), f"{path.name}: nav link to missing {target}"
+    # [← previous] · [Course map] · [next →], each neighbour named by its own title.
+    expected = [("Course map", "00-course-map.ipynb")]
+    if index > 0:
+        previous = NOTEBOOKS[index - 1]
+        expected.insert(0, (f"← {_title(previous)}", previous.name))
+    if index + 1 < len(NOTEBOOKS):
+        following = NOTEBOOKS[index + 1]
+        expected.append((f"{_title(following)} →", following.name))
+    assert links == expected, f"{path.name}: the navigation line should link {expected}"
+
+
+@by_name
+def test_sections_come_in_order_and_end_with_clean_up(path):
+    nb = _load(path)
+    cells = nb["cells"]
+    positions = [_heading_index(nb, h) for h in ("## Summary", "## Exercises", "## Clean up")]
+    assert -1 not in positions, f"{path.name}: needs ## Summary, ## Exercises and ## Clean up"
+    assert positions == sorted(positions), f"{path.name}: Summary, Exercises, Clean up, in order"
+    clean_up = positions[2]
+    assert cells[clean_up + 1]["cell_type"] == "code", "## Clean up is followed by a code cell"
+    last = cells[-1]
+    assert last["cell_type"] == "markdown" and _source(last).startswith(FINISHED), (
+        f"{path.name}: the last cell should say '{FINISHED}…'"
+    )
+
+
+@by_name
+def test_finished_code_named_at_the_end_exists(path):
+    last = _source(_load(path)["cells"][-1])
+    named = re.findall(r"`(chatlib/[^`]+)`", last)
+    assert named
+    for module in named:
+        assert (ROOT / module).exists(), f"{path.name} points to {module}, which does not exist"
+
+
+@by_name
+def test_each_exercise_solution_is_followed_by_a_check(path):
+    cells = _load(path)["cells"]
+    solutions = [i for i, cell in enumerate(cells) if _source(cell).startswith(SOLUTION)]
+    assert 2 <= len(solutions) <= 3, f"{path.name}: two or three exercises with solutions"
+    exercises = _heading_index(_load(path), "## Exercises")
+    for index in solutions:
+        assert index > exercises, f"{path.name}: a solution before ## Exercises"
+        check = cells[index + 1]
+        assert check["cell_type"] == "code", f"{path.name}: a solution is followed by its check"
+        assert not _source(check).startswith(SOLUTION)
+
+
+@by_name
+def test_has_a_try_it_in_a_terminal_box(path):
+    assert any(
+        line.startswith("> **Try it in a terminal**")
+        for text in _markdown(_load(path))
+        for line in text.splitlines()
+    ), f"{path.name}: needs a '> **Try it in a terminal**' box"
+
+
+@by_name
+def test_code_cells_were_run_in_order_and_kept_their_outputs(path):
+    counts = []
+    for cell in _load(path)["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        count = cell.get("execution_count")
+        assert isinstance(count, int), f"{path.name}: a code cell has no execution count"
+        counts.append(count)
+        errors = [out for out in cell.get("outputs", []) if out["output_type"] == "error"]
+        if _is_expected_error(cell):
+            assert errors, f"{path.name}: a cell marked to raise has no error output"
+        else:
+            assert not errors, f"{path.name}: error output in {_source(cell)[:60]!r}"
+    assert counts == list(range(1, len(counts) + 1)), f"{path.name}: run it top to bottom, once"
+
+
+@by_name
+def test_no_run_magic_or_star_imports(path):
+    for cell in _load(path)["cells"]:
+        if cell["cell_type"] == "code":
+            source = _source(cell)
+            assert not re.search(r"^\s*%run\b", source, re.MULTILINE), f"{path.name} uses %run"
+            assert not re.search(r"\bimport\s+\*", source), f"{path.name} uses import *"
+
+
+@by_name
+def test_no_print_from_threads_marker_of_trouble(path):
+    # ipykernel 7 sends a background thread's output to whichever cell ran
+    # last, so nbval would fail at random: stored outputs must not contain
+    # the tell-tale "Exception in thread" banner either.
+    for cell in _load(path)["cells"]:
+        for out in cell.get("outputs", []):
+            text = out.get("text", "")
+            text = text if isinstance(text, str) else "".join(text)
+            assert "Exception in thread" not in text, f"{path.name}: a thread printed a traceback"
+
+
+def test_course_map_in_notebook_00_lists_every_notebook():
+    course_map = NOTEBOOKS_DIR / "00-course-map.ipynb"
+    text = "\n".join(_markdown(_load(course_map)))
+    rows = [line for line in text.splitlines() if line.startswith("| [")]
+    listed = [LINK.search(row)["target"] for row in rows]
+    assert listed == [path.name for path in NOTEBOOKS], "00's table should list every notebook"
+    for row in rows:
+        text, target = LINK.search(row).groups()
+        assert text == _title(NOTEBOOKS_DIR / target), f"00's table calls {target} {text!r}"
+        for module in re.findall(r"`(chatlib/[^`]*)`", row):
+            assert (ROOT / module).exists(), f"00's table points to missing {module}"
+
+
+def test_readme_course_map_lists_every_notebook():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = _section(readme, "## Course map")
+    missing = [path.name for path in NOTEBOOKS if f"notebooks/{path.name}" not in section]
+    assert not missing, f"README's course map does not link {missing}"
+    for target in re.findall(r"\((notebooks/[^)\s]+\.ipynb)\)", section):
+        assert (ROOT / target).exists(), f"README's course map links missing {target}"
+
+
+# The exercises' self-checks: nbval shows that each accepts the notebook's
+# solution; these show that each also turns a plausible wrong answer down.
+
+
+def _split_lines(chunks, max_line):
+    # Decodes each chunk on its own and ignores the limit: two classic mistakes.
+    text = "".join(chunk.decode("utf-8", errors="replace") for chunk in chunks)
+    return text.split("\n")[:-1]
+
+
+def _recv_once(sock, n):
+    return sock.recv(n)
+
+
+class _NeverFull:
+    def __init__(self, cap):
+        self._chunks = []
+
+    def put(self, data):
+        self._chunks.append(data)
+        return True
+
+    def take(self):
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+
+class _SharedDict:
+    def __init__(self):
+        self._names = {}
+
+    def add(self, name):
+        self._names[name] = True
+
+    def remove(self, name):
+        del self._names[name]
+
+    def snapshot(self):
+        return self._names  # the live dict, not a copy
+
+
+def _lines_without_last(sock):
+    data = b""
+    while chunk := sock.recv(1024):
+        data += chunk
+    return data.decode().split("\n")[:-1]
+
+
+@pytest.mark.parametrize(
+    ("check", "wrong"),
+    [
+        ("check_read_lines", _split_lines),
+        ("check_recv_exactly", _recv_once),
+        ("check_threads_for", lambda n: n + 1),
+        ("check_safe_clients", _SharedDict),
+        ("check_lines_before_drop", lambda sendq, line_size: sendq // line_size + 1),
+        ("check_bounded_queue", _NeverFull),
+        ("check_read_to_end", _lines_without_last),
+    ],
+)
+def test_exercise_checks_reject_wrong_answers(check, wrong):
+    lessons = pytest.importorskip("chatlib.lessons")
+    with pytest.raises(AssertionError):
+        getattr(lessons, check)(wrong)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import sys
 import threading
@@ -145,17 +146,22 @@ def _receive(client: ChatClient, terminal: _Terminal, ended: threading.Event) ->
     ended.set()
 
 
-def _type(client: ChatClient, terminal: _Terminal, ended: threading.Event) -> None:
+def _type(
+    client: ChatClient, terminal: _Terminal, ended: threading.Event, leaving: threading.Event
+) -> None:
     try:
         while not ended.is_set():
             line = terminal.read_line()
-            client.send(line)
             if line.strip() in ("/quit", "exit"):
+                leaving.set()
+            client.send(line)
+            if leaving.is_set():
                 return  # the server says goodbye and closes
     except EOFError:
+        leaving.set()
         client.send("/quit")
     except OSError:
-        pass  # the server went away; _receive reports it
+        pass  # the server went away; main() says so
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -177,6 +183,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the terminal client; return the exit status."""
     args = _parse_args(argv)
+    # Ctrl-C only sets a flag, so that it can never land halfway through
+    # starting a thread; the loop below acts on it.
+    interrupted = threading.Event()
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     try:
         client = ChatClient(args.host, args.port)
     except OSError as error:
@@ -187,27 +197,27 @@ def main(argv: list[str] | None = None) -> int:
         client.send(f"/nick {args.name}")
 
     terminal = _Terminal(interactive=sys.stdin.isatty() and sys.stdout.isatty())
-    ended = threading.Event()
+    ended = threading.Event()  # the server closed the connection
+    leaving = threading.Event()  # we asked it to
     receiver = threading.Thread(target=_receive, args=(client, terminal, ended), daemon=True)
-    typist = threading.Thread(target=_type, args=(client, terminal, ended), daemon=True)
+    typist = threading.Thread(target=_type, args=(client, terminal, ended, leaving), daemon=True)
     receiver.start()
     typist.start()
-    try:
-        # Wait in short slices: on Windows a wait without a timeout is not
-        # interrupted by Ctrl-C.
-        while not ended.wait(0.2):
-            pass
-    except KeyboardInterrupt:
-        with contextlib.suppress(OSError):  # the server may be gone already
-            client.send("/quit")
-        ended.wait(1.0)
+    # Wait in short slices: on Windows a wait without a timeout is not
+    # interrupted by Ctrl-C, so the signal handler would not run.
+    while not ended.wait(0.2):
+        if interrupted.is_set():
+            leaving.set()
+            with contextlib.suppress(OSError):  # the server may be gone already
+                client.send("/quit")
+            ended.wait(1.0)
+            break
     client.close()
-    still_typing = typist.is_alive()
-    if still_typing:
+    if not leaving.is_set():
         terminal.show("*** Disconnected: the server closed the connection.")
     if terminal.interactive:
         sys.stdout.write("\r\x1b[K")  # no prompt left dangling
-    if still_typing:
+    if typist.is_alive():
         # We still sit in input(). Nothing portable wakes a thread blocked
         # reading stdin, and finalising the interpreter under it aborts
         # ("could not acquire lock for <stdin>"), so leave without that.

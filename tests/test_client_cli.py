@@ -94,8 +94,10 @@ def test_server_going_away_is_reported(server):
     with ChatClient(*server.address) as watcher:
         read_until(watcher, lambda line: line.endswith("joined."))
     server.stop()
-    out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0
+    # Not communicate(): closing stdin would make the client leave by itself.
+    assert proc.wait(timeout=TIMEOUT) == 0
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.stdin.close()
     assert out.splitlines()[-2:] == [
         "*** The server is shutting down. Bye!",
         "*** Disconnected: the server closed the connection.",
@@ -125,6 +127,7 @@ def test_terminal_redraws_the_line_being_typed(server):
             [sys.executable, "-m", "chatlib.client", "--port", str(port), "--name", "fay"],
         )
     screen = b""
+    status = None
 
     def read_screen_until(expected: bytes) -> None:
         nonlocal screen
@@ -144,12 +147,29 @@ def test_terminal_redraws_the_line_being_typed(server):
             other.send("ping from gus")
             # Erase the line, print the message, redraw prompt and typed text.
             read_screen_until(b"\r\x1b[K<guest2> ping from gus\r\n> half-typ")
+        # Type only while readline waits for input: keys that arrive while
+        # it redraws may be echoed twice.
+        read_screen_until(b"*** guest2 left.\r\n> half-typ")
         os.write(fd, b"ed\n")
-        read_screen_until(b"<fay> half-typed")
+        read_screen_until(b"<fay> half-typed\r\n> ")
         os.write(fd, b"\x04")  # Ctrl-D on an empty line
         read_screen_until(b"*** Bye, fay!")
+        status = _wait_for_exit(pid)
     finally:
-        _, status = os.waitpid(pid, 0)
+        if status is None:  # the test failed first: do not leave the client behind
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     assert b"Traceback" not in screen
+
+
+def _wait_for_exit(pid: int) -> int:
+    """Return the wait status of child *pid* once it exits (bounded)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            return status
+        time.sleep(0.01)
+    raise AssertionError("the client did not exit")

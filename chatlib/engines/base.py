@@ -9,6 +9,8 @@ only in how they wait for sockets to be ready.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -17,7 +19,14 @@ from types import TracebackType
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
 from chatlib.room import Limits, Room
 
-__all__ = ["ServerBase", "create_listener", "log", "peer_name"]
+__all__ = [
+    "ACCEPT_RETRY_DELAY",
+    "ServerBase",
+    "create_listener",
+    "log",
+    "out_of_resources",
+    "set_nodelay",
+]
 
 #: The server's log. Nothing is printed unless the application configures
 #: logging (``python -m chatlib.server`` does), so a server running inside a
@@ -27,6 +36,10 @@ log = logging.getLogger("chatlib.server")
 #: Connections the kernel may hold for us before we accept() them. The
 #: socketserver default of 5 drops clients that arrive in a burst.
 BACKLOG = 1024
+
+#: How long to stop accepting once the process is out of file descriptors
+#: or memory; asyncio waits as long. The client waits in the backlog.
+ACCEPT_RETRY_DELAY = 1.0
 
 
 def create_listener(host: str, port: int) -> socket.socket:
@@ -40,9 +53,27 @@ def create_listener(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=BACKLOG)
 
 
-def peer_name(sock: socket.socket) -> tuple[str, int]:
-    """Return ``(host, port)`` of *sock*'s peer, as the log lines show it."""
-    return sock.getpeername()[:2]
+def set_nodelay(sock: socket.socket) -> None:
+    """Turn Nagle's algorithm off on a client's socket (``TCP_NODELAY``).
+
+    Chat lines are small and people wait for them: send each at once
+    instead of holding it back until the previous one is acknowledged,
+    which delayed ACKs can make take 40 ms. On macOS and the BSDs this
+    fails (EINVAL, ECONNRESET) if the client is gone already; the next
+    read or write on the socket says so.
+    """
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def out_of_resources(error: OSError) -> bool:
+    """Return whether an ``accept()`` error is the server's trouble, not the client's.
+
+    Out of file descriptors or memory, the client stays in the backlog and
+    the listener stays ready: an engine that tries again at once only spins.
+    Any other error means that this one client gave up.
+    """
+    return error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class ServerBase:
@@ -109,6 +140,9 @@ class ServerBase:
 
     def _log_disconnected(self, peer: tuple[str, int]) -> None:
         log.info("[DISCONNECTED] %s disconnected.", peer)
+
+    def _log_accept_paused(self, error: OSError) -> None:
+        log.warning("[PAUSED] Cannot accept: %s; trying again in %g s.", error, ACCEPT_RETRY_DELAY)
 
     def _join_server_thread(self, timeout: float) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():

@@ -1,0 +1,352 @@
+"""The asyncio engine: one thread, asyncio's event loop, a protocol per client.
+
+This is the selectors engine with the loop written for us. asyncio's loop
+waits on a selector too, and calls a protocol object's methods when a
+client's socket has data, when it ends, when the kernel stops or starts
+taking what we write, and when it is closed; its transport keeps whatever
+the kernel does not take yet. Protocol callbacks rather than streams: a
+stream needs a task per client, parked in ``await reader.readline()``,
+while a protocol is a small object with a few slots, so an idle client
+costs little memory.
+
+Writes are coalesced as in the selectors engine: a callback only feeds the
+room and asks for one flush (``call_soon``) after everything else of this
+turn of the loop, which gives each client its whole backlog in one
+``transport.write()``. While a client's transport still holds bytes the
+kernel has not taken, nothing more is taken from the room for it, so its
+backlog grows in the room, which drops it past the send-queue limit.
+
+Only the loop's thread calls the room, so the room needs no lock; in
+exchange, no callback may block, or every client waits. The loop can be
+one of its own, in a thread (:meth:`~ChatServer.serve_forever`, or the
+``with`` block), or one that already runs, such as a JupyterLab kernel's
+(``async with server:``, or :meth:`~ChatServer.start_serving` and
+:meth:`~ChatServer.aclose`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from types import TracebackType
+
+from chatlib.engines.base import ServerBase, set_nodelay
+from chatlib.protocol import READ_SIZE
+from chatlib.room import Connection, State
+
+__all__ = ["ChatServer"]
+
+#: How long a leaving client may take to read its last lines.
+LINGER = 1.0
+
+
+class _Client(asyncio.BufferedProtocol):
+    """One connection: asyncio calls these methods when its socket has news.
+
+    A buffered protocol rather than a plain one (``data_received``) so that
+    we choose the read size, ``READ_SIZE`` as in the other engines, and
+    every client reads into one buffer the server owns.
+    """
+
+    __slots__ = ("closing", "conn", "eof", "server", "transport", "writing_paused")
+
+    def __init__(self, server: ChatServer) -> None:
+        self.server = server
+        self.conn: Connection | None = None
+        self.transport: asyncio.Transport | None = None
+        #: Set while the transport holds bytes the kernel has not taken.
+        self.writing_paused = False
+        #: Whether the client has closed its sending side.
+        self.eof = False
+        #: Whether we have sent the goodbye and closed our sending side.
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.server._accept(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.server._read(self.conn, self, nbytes)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.server._read(self.conn, self, 0)
+        return True  # keep the transport open: the client may read the goodbye
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.server._write(self.conn, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._finish(self.conn, self)
+
+
+class ChatServer(ServerBase):
+    """A chat server on asyncio's event loop, with a protocol per client.
+
+    Use it as a context manager (it serves in a background thread)::
+
+        with ChatServer(port=0) as server:
+            print(server.address)
+
+    or call :meth:`serve_forever` in a thread of your own and :meth:`stop`
+    from another. On a loop that is already running, use it as an
+    asynchronous context manager instead::
+
+        async with ChatServer(port=0) as server:
+            ...
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._clients: dict[Connection, _Client] = {}
+        # One buffer for every read: each is handed to the room (which
+        # copies what it keeps) before the next one can start.
+        self._read_buffer = memoryview(bytearray(READ_SIZE))
+        self._act_scheduled = False
+        # start_serving() and stop() agree under this lock on who closes the
+        # listener, even when stop() comes first.
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._server: asyncio.Server | None = None
+        self._shutdown: asyncio.Task | None = None
+        self._closed: asyncio.Future | None = None
+        self._all_gone: asyncio.Future | None = None
+
+    # --- Public methods -------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Serve clients until :meth:`stop` is called, on a loop of its own.
+
+        This blocks the calling thread; :meth:`start` runs it in a
+        background thread.
+        """
+        asyncio.run(self._serve_until_stopped())
+
+    def stop(self) -> None:
+        """Say goodbye to every client, close every socket, end the loop.
+
+        Call it from any thread but the loop's own: there, where it cannot
+        wait without blocking the loop, it only starts the shutdown; use
+        ``await server.aclose()`` instead.
+        """
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            loop = self._loop
+        if loop is None:
+            if self._thread is None:
+                self._listener.close()  # never served, and now never will
+        elif self._loop_thread == threading.get_ident():
+            self._begin_shutdown()
+            return
+        else:
+            loop.call_soon_threadsafe(self._begin_shutdown)
+            self._stopped.wait(2 * LINGER)
+        self._join_server_thread(LINGER)
+
+    async def start_serving(self) -> None:
+        """Start serving clients on the running loop, and return.
+
+        The server serves in the background until :meth:`aclose`. If
+        :meth:`stop` was called before, this does nothing.
+        """
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._stopping.is_set():
+                self._listener.close()
+                return
+            if self._loop is not None:
+                raise RuntimeError("the server is serving already")
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+        self._closed = loop.create_future()
+        self._server = await loop.create_server(
+            lambda: _Client(self), sock=self._listener, start_serving=False
+        )
+        self._log_listening()
+        await self._server.start_serving()
+
+    async def aclose(self) -> None:
+        """Say goodbye to every client, close every socket; return when done.
+
+        Await it on the loop the server runs on.
+        """
+        with self._lock:
+            self._stopping.set()
+        if self._loop is None:
+            self._listener.close()
+            return
+        self._begin_shutdown()
+        await asyncio.shield(self._shutdown)
+
+    async def __aenter__(self) -> ChatServer:
+        await self.start_serving()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- Private methods ------------------------------------------------
+
+    def _accept(self, client: _Client) -> None:
+        transport = client.transport
+        peer = transport.get_extra_info("peername")
+        if peer is None or self._stopping.is_set():
+            # Reset before we got to it, or accepted just as we stopped.
+            transport.abort()
+            return
+        # asyncio turns Nagle's algorithm off itself only for sockets whose
+        # proto is IPPROTO_TCP, and socket.create_server() leaves it 0.
+        set_nodelay(transport.get_extra_info("socket"))
+        # Pause writing as soon as the kernel refuses part of a write, as
+        # the selectors engine keeps its "unsent" bytes: a slow client's
+        # backlog then waits in the room, which enforces the send queue.
+        transport.set_write_buffer_limits(high=0)
+        conn = self.room.connect(peer[:2])
+        client.conn = conn
+        self._clients[conn] = client
+        self._act_on_ready_soon()
+        self._log_connected(conn.peer)
+
+    def _read(self, conn: Connection, client: _Client, size: int) -> None:
+        """Feed the room what the transport has read (0 bytes: the end)."""
+        if client.closing:
+            # It has had its goodbye: drop what it still sends until it ends.
+            if not size:
+                client.transport.close()
+            return
+        # The loop's clock is time.monotonic(), like the other engines'; the
+        # room and call_at() must use the same one.
+        now = self._loop.time()
+        if size:
+            self.room.receive_data(conn, bytes(self._read_buffer[:size]), now)
+        else:
+            self.room.receive_eof(conn, now)
+        self._wait_while_throttled(conn, client)
+        self._act_on_ready_soon()
+
+    def _wait_while_throttled(self, conn: Connection, client: _Client) -> None:
+        # The loop cannot sleep for one client: stop reading from it and set
+        # a timer. Everyone else is served meanwhile, and TCP pushes back on
+        # the flooder.
+        if conn.resume_at is not None:
+            client.transport.pause_reading()
+            self._loop.call_at(conn.resume_at, self._resume, conn, client)
+
+    def _resume(self, conn: Connection, client: _Client) -> None:
+        """Go on with a throttled client's lines; its timer is due."""
+        if conn.state is State.OPEN:  # it may be leaving, or gone, by now
+            self.room.resume(conn, self._loop.time())
+            self._wait_while_throttled(conn, client)
+            if conn.resume_at is None and conn.state is State.OPEN and not client.eof:
+                client.transport.resume_reading()
+            self._act_on_ready_soon()
+
+    def _write(self, conn: Connection, client: _Client) -> None:
+        """Hand the client's backlog to its transport in one ``write()``.
+
+        Called for each client the room has news for, once per turn of the
+        loop, and when the transport has sent everything it held.
+        """
+        data = conn.data_to_send()
+        if data:
+            # One write, and never writelines(): from Python 3.12.0 until
+            # 3.12.9 and 3.13.2 it ignored flow control (CVE-2024-12254).
+            client.transport.write(data)
+        if conn.state is State.CLOSING:
+            self._close_gracefully(client)
+
+    def _close_gracefully(self, client: _Client) -> None:
+        """End a connection whose goodbye is written, without a reset.
+
+        Closing a socket with input still unread makes the kernel send a
+        reset, which can destroy the goodbye before the client has read it
+        (Windows drops unread data on a reset). So send our end of the
+        stream, read and drop what the client still sends, and close at its
+        end of stream, or when the timer set in _act_on_ready() aborts.
+        """
+        if client.eof:
+            client.transport.close()  # once everything it holds is sent
+            return
+        client.transport.write_eof()  # also after everything it holds
+        client.closing = True
+        client.transport.resume_reading()  # in case flood control paused it
+
+    def _finish(self, conn: Connection | None, client: _Client) -> None:
+        """Forget the client; asyncio has closed its transport."""
+        if conn is None:
+            return  # turned away by _accept()
+        del self._clients[conn]
+        self.room.connection_lost(conn)
+        self._act_on_ready_soon()
+        self._log_disconnected(conn.peer)
+        if not self._clients and self._all_gone is not None and not self._all_gone.done():
+            self._all_gone.set_result(None)
+
+    def _act_on_ready(self) -> None:
+        """Write to every client the room has news for; close the dropped ones."""
+        self._act_scheduled = False
+        for conn in self.room.take_ready():
+            client = self._clients[conn]
+            if conn.state is State.CLOSED:
+                client.transport.abort()  # connection_lost() follows
+                continue
+            if conn.state is State.CLOSING:
+                # A leaving client gets LINGER seconds to read its goodbye
+                # and end its side (see _close_gracefully), not forever.
+                self._loop.call_later(LINGER, client.transport.abort)
+            if not client.writing_paused:
+                self._write(conn, client)
+            # Otherwise _write takes the backlog once the transport drains.
+
+    def _act_on_ready_soon(self) -> None:
+        # Once per turn of the loop, after every callback of the turn: a
+        # client gets all the lines of the turn in one write().
+        if not self._act_scheduled:
+            self._act_scheduled = True
+            self._loop.call_soon(self._act_on_ready)
+
+    def _begin_shutdown(self) -> None:
+        if self._shutdown is None:
+            self._shutdown = self._loop.create_task(self._shut_down())
+
+    # --- Life cycle on the loop -------------------------------------------
+
+    async def _serve_until_stopped(self) -> None:
+        await self.start_serving()
+        if self._closed is not None:
+            await self._closed
+
+    async def _shut_down(self) -> None:
+        """Stop accepting, say goodbye, give the clients LINGER seconds to read it."""
+        self._server.close()
+        self.room.shut_down()
+        self._act_on_ready()
+        if self._clients:
+            self._all_gone = self._loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_gone, LINGER)
+        # Whoever is left has not read its goodbye in time: cut them off.
+        for client in list(self._clients.values()):
+            client.transport.abort()
+        await asyncio.sleep(0)  # abort() calls connection_lost() on the next turn
+        await self._server.wait_closed()
+        self._stopped.set()
+        self._closed.set_result(None)

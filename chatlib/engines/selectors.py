@@ -1,0 +1,357 @@
+"""The selectors engine: one thread waits on every client at once.
+
+This is the classic ``select()`` chat server, and what asyncio does
+underneath. Every socket is non-blocking and registered with a selector;
+one thread asks it which sockets are ready, reads from those that have data,
+and only then, once per turn of the loop, writes to every client the room
+has news for: each gets its whole backlog in one ``send()``, however many
+lines arrived for it during the turn.
+
+Whatever the kernel does not take stays in the client's ``unsent`` buffer
+until its socket is writable again, and nothing more is taken from the room
+meanwhile: a client that stops reading makes its backlog grow in the room,
+which drops it once the backlog passes the send-queue limit.
+
+Only this thread calls the room, so the room needs no lock; in exchange,
+nothing here may block, or every client waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from chatlib.engines.base import ACCEPT_RETRY_DELAY, ServerBase, out_of_resources, set_nodelay
+from chatlib.protocol import READ_SIZE
+from chatlib.room import Connection, State
+
+__all__ = ["ChatServer"]
+
+#: How long a leaving client may take to read its last lines.
+LINGER = 1.0
+
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class _Client:
+    """The socket of one connection, and what the kernel has not taken yet."""
+
+    __slots__ = ("closing", "eof", "events", "peer", "sock", "unsent")
+
+    def __init__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self.sock = sock
+        self.peer = peer
+        #: The part of the last backlog that ``send()`` did not take.
+        self.unsent: bytes | memoryview = b""
+        #: What the selector watches this socket for; 0 when unregistered.
+        self.events = 0
+        #: Whether the client has closed its sending side.
+        self.eof = False
+        #: Whether we have sent the goodbye and closed our sending side.
+        self.closing = False
+
+
+class ChatServer(ServerBase):
+    """A chat server with one thread and a hand-written event loop.
+
+    Use it as a context manager (it serves in a background thread)::
+
+        with ChatServer(port=0) as server:
+            print(server.address)
+
+    or call :meth:`serve_forever` in a thread of your own and :meth:`stop`
+    from another.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._listener.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._clients: dict[Connection, _Client] = {}
+        # (when, tie-breaker, callback, args), earliest first: flood control
+        # and lingering clients. The tie-breaker keeps heapq from ever
+        # comparing two callbacks.
+        self._timers: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._timer_ids = itertools.count()
+        # stop() writes a byte to the first socket, which select() watches.
+        # A socket pair rather than os.pipe(): Windows selects on sockets only.
+        self._wakeup, self._wakeup_sender = socket.socketpair()
+        self._wakeup.setblocking(False)
+        self._wakeup_sender.setblocking(False)
+        # serve_forever() and stop() agree under this lock on who closes the
+        # sockets, even when stop() comes first.
+        self._lock = threading.Lock()
+        self._serving = False
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+
+    # --- Public methods -------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Serve clients until :meth:`stop` is called."""
+        with self._lock:
+            if self._stopping.is_set():
+                return  # stop() came first and closed everything
+            self._serving = True
+        self._log_listening()
+        self._selector.register(self._listener, _READ)
+        self._selector.register(self._wakeup, _READ)
+        try:
+            while not self._stopping.is_set():
+                self._run_once(self._time_to_next_timer())
+            # Stop accepting, say goodbye, and give the clients LINGER
+            # seconds to read it; the loop goes on sending meanwhile.
+            self._selector.unregister(self._wakeup)
+            with contextlib.suppress(KeyError):  # not registered while paused
+                self._selector.unregister(self._listener)
+            self.room.shut_down()
+            self._act_on_ready()
+            deadline = time.monotonic() + LINGER
+            while self._clients and (left := deadline - time.monotonic()) > 0:
+                self._run_once(left)
+        finally:
+            # Whoever is left has not read its goodbye in time: cut them off.
+            for conn, client in list(self._clients.items()):
+                self._finish(conn, client)
+            self._close()
+            self._stopped.set()
+
+    def stop(self) -> None:
+        """Say goodbye to every client, close every socket, end the loop."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            serving = self._serving
+        if not serving:
+            self._close()  # serve_forever() never ran, and now never will
+            return
+        self._wake_loop()
+        self._stopped.wait(2 * LINGER)
+        self._join_server_thread(LINGER)
+
+    # --- Private methods ------------------------------------------------
+
+    def _accept(self, sock: socket.socket, address: tuple) -> None:
+        set_nodelay(sock)
+        sock.setblocking(False)
+        client = _Client(sock, address[:2])
+        conn = self.room.connect(client.peer)
+        self._clients[conn] = client
+        self._watch(conn, client)
+        self._log_connected(client.peer)
+
+    def _read(self, conn: Connection, client: _Client) -> None:
+        """Feed the room what one ``recv()`` returns; the socket is readable."""
+        try:
+            data = client.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return  # nothing after all; select() will tell us again
+        except OSError:
+            self._finish(conn, client)  # reset by the peer
+            return
+        if client.closing:
+            # It has had its goodbye: drop what it still sends until it ends.
+            if not data:
+                self._finish(conn, client)
+            return
+        if data:
+            self.room.receive_data(conn, data, time.monotonic())
+        else:
+            client.eof = True
+            self.room.receive_eof(conn, time.monotonic())
+        self._wait_while_throttled(conn, client)
+        self._watch(conn, client)
+
+    def _wait_while_throttled(self, conn: Connection, client: _Client) -> None:
+        # The loop cannot sleep for one client: stop watching its socket
+        # (see _watch) and set a timer. Everyone else is served meanwhile,
+        # and TCP pushes back on the flooder.
+        if conn.resume_at is not None:
+            self._call_at(conn.resume_at, self._resume, conn, client)
+
+    def _resume(self, conn: Connection, client: _Client) -> None:
+        """Go on with a throttled client's lines; its timer is due."""
+        if conn.state is State.OPEN:  # it may be leaving, or gone, by now
+            self.room.resume(conn, time.monotonic())
+            self._wait_while_throttled(conn, client)
+            self._watch(conn, client)
+
+    def _write(self, conn: Connection, client: _Client) -> None:
+        """Send the client its backlog, as much as the kernel takes now.
+
+        Called for each client the room has news for, once per turn of the
+        loop, and whenever a socket with unsent bytes becomes writable.
+        """
+        try:
+            if client.unsent:
+                client.unsent = _send_some(client.sock, client.unsent)
+            if not client.unsent:
+                # Only now take more from the room: what waits there counts
+                # against the send queue, what waits here does not.
+                client.unsent = _send_some(client.sock, conn.data_to_send())
+        except OSError:
+            self._finish(conn, client)  # reset by the peer, or a broken pipe
+            return
+        if conn.state is State.CLOSING and not client.unsent:
+            self._close_gracefully(conn, client)
+        else:
+            self._watch(conn, client)
+
+    def _close_gracefully(self, conn: Connection, client: _Client) -> None:
+        """End a connection whose goodbye is sent, without a reset.
+
+        Closing a socket with input still unread makes the kernel send a
+        reset, which can destroy the goodbye before the client has read it
+        (Windows drops unread data on a reset). So send our end of the
+        stream, read and drop what the client still sends, and close at its
+        end of stream, or when _give_up() says it is too late.
+        """
+        if client.eof:
+            self._finish(conn, client)
+            return
+        with contextlib.suppress(OSError):  # the peer may be gone already
+            client.sock.shutdown(socket.SHUT_WR)
+        client.closing = True
+        self._watch(conn, client)
+
+    def _finish(self, conn: Connection, client: _Client) -> None:
+        """Close the client's connection and tell the room."""
+        del self._clients[conn]
+        if client.events:
+            self._selector.unregister(client.sock)  # before close(): it needs the fd
+        client.sock.close()
+        self.room.connection_lost(conn)
+        self._log_disconnected(client.peer)
+
+    def _act_on_ready(self) -> None:
+        """Write to every client the room has news for; close the dropped ones."""
+        # Closing a connection makes the room tell the others: go on until
+        # it has nothing new, or their news would wait for the next event.
+        while ready := self.room.take_ready():
+            for conn in ready:
+                client = self._clients[conn]
+                if conn.state is State.CLOSED:
+                    self._finish(conn, client)
+                    continue
+                if conn.state is State.CLOSING:
+                    # A leaving client gets LINGER seconds to read its goodbye
+                    # and end its side (see _close_gracefully), not forever.
+                    self._call_at(time.monotonic() + LINGER, self._give_up, conn, client)
+                if not client.unsent:
+                    self._write(conn, client)
+                # Otherwise _write takes the backlog once the socket drains.
+
+    def _give_up(self, conn: Connection, client: _Client) -> None:
+        """Close a leaving client that has not read its last lines in time."""
+        if conn in self._clients:
+            self._finish(conn, client)
+
+    def _wake_loop(self) -> None:
+        # select() has no portable way to be interrupted from another
+        # thread, but it returns as soon as one of its sockets is readable.
+        # (If the send fails, the pair is full, so a wake-up is pending
+        # anyway, or closed, so the loop is gone.)
+        with contextlib.suppress(OSError):
+            self._wakeup_sender.send(b"\0")
+
+    # --- The event loop (what asyncio provides) ---------------------------
+
+    def _run_once(self, timeout: float | None) -> None:
+        """Wait up to *timeout* seconds for sockets, handle them, then write."""
+        for key, events in self._selector.select(timeout):
+            if key.fileobj is self._listener:
+                self._accept_waiting()
+            elif key.fileobj is self._wakeup:
+                self._wakeup.recv(64)  # stop() woke us; the caller checks why
+            else:
+                conn = key.data
+                client = self._clients[conn]
+                if events & _READ:
+                    self._read(conn, client)
+                if events & _WRITE and conn in self._clients:
+                    self._write(conn, client)
+        self._run_timers()
+        self._act_on_ready()
+
+    def _accept_waiting(self) -> None:
+        """Accept every client waiting in the listener's backlog."""
+        while True:
+            try:
+                sock, address = self._listener.accept()
+            except BlockingIOError:
+                return  # the backlog is empty
+            except OSError as error:
+                if out_of_resources(error):
+                    # The listener stays readable: stop watching it a while.
+                    self._log_accept_paused(error)
+                    self._selector.unregister(self._listener)
+                    when = time.monotonic() + ACCEPT_RETRY_DELAY
+                    self._call_at(when, self._accept_again)
+                return  # otherwise that client gave up before we got to it
+            self._accept(sock, address)
+
+    def _accept_again(self) -> None:
+        if not self._stopping.is_set():
+            self._selector.register(self._listener, _READ)
+
+    def _watch(self, conn: Connection, client: _Client) -> None:
+        """Tell the selector what to wait for on the client's socket now."""
+        events = 0
+        # Read from a client in the room unless it is throttled, and from one
+        # we are closing (to drop its input); never after its end of stream,
+        # which a level-triggered selector would report readable forever.
+        reading = conn.state is State.OPEN and conn.resume_at is None
+        if (reading or client.closing) and not client.eof:
+            events |= _READ
+        if client.unsent:
+            events |= _WRITE
+        if events == client.events:
+            return
+        if not client.events:
+            self._selector.register(client.sock, events, conn)
+        elif not events:
+            self._selector.unregister(client.sock)
+        else:
+            self._selector.modify(client.sock, events, conn)
+        client.events = events
+
+    def _call_at(self, when: float, callback: Callable[..., None], *args: object) -> None:
+        """Have the loop call ``callback(*args)`` at *when* (``time.monotonic()``)."""
+        heapq.heappush(self._timers, (when, next(self._timer_ids), callback, args))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, callback, args = heapq.heappop(self._timers)
+            callback(*args)
+
+    def _time_to_next_timer(self) -> float | None:
+        """Return how long select() may wait: until the next timer, or forever."""
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _close(self) -> None:
+        self._listener.close()
+        self._selector.close()
+        self._wakeup.close()
+        self._wakeup_sender.close()
+
+
+def _send_some(sock: socket.socket, data: bytes | memoryview) -> bytes | memoryview:
+    """Send what the kernel takes of *data* now; return the rest."""
+    if not data:
+        return b""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    # A memoryview, so that the rest of a large backlog is never copied.
+    return memoryview(data)[sent:] if sent < len(data) else b""

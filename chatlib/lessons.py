@@ -481,12 +481,12 @@ def check_threads_for(threads_for: Callable[[int], int]) -> str:
     """Check lesson 02's ``threads_for(n)`` for the threaded engine, by counting.
 
     Counts the threads one server adds while *n* clients are connected: its
-    accepting thread, and whatever it starts per client.
+    accepting thread, its sender, and whatever it starts per client.
     """
     from chatlib.engines.threads import ChatServer
 
     def engine_threads() -> int:
-        return threads_named("(_read)") + threads_named("(_write)") + threads_named(" server")
+        return sum(map(threads_named, ["(_read)", "(_write)", "(_send)", " server"]))
 
     for n in (0, 1, 3):
         before = engine_threads()
@@ -500,7 +500,7 @@ def check_threads_for(threads_for: Callable[[int], int]) -> str:
         wait_until(lambda before=before: engine_threads() <= before, 5.0)
         assert threads_for(n) == counted, (
             f"with {n} clients the engine runs {counted} threads, "
-            f"counting the one that accepts; threads_for({n}) gave {threads_for(n)}"
+            f"counting the ones that accept and send; threads_for({n}) gave {threads_for(n)}"
         )
     return _passed("threads_for", 3)
 

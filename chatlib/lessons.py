@@ -332,10 +332,13 @@ class NaiveChatServer:
     single client that stops reading holds the lock and stalls the room.
 
     Same life cycle as chatlib's servers: ``start()``, ``address``, ``stop()``.
+    With *nodelay* false, Nagle's algorithm stays on (the benchmark shows
+    what that costs: ``python -m chatlib.bench.naive --no-nodelay``).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, nodelay: bool = True) -> None:
         self._listener = socket.create_server((host, port))
+        self._nodelay = nodelay
         #: ``(host, port)`` the server listens on.
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self.clients: list[socket.socket] = []
@@ -393,8 +396,9 @@ class NaiveChatServer:
                 return  # stop() shut the listener down
             # Nagle's algorithm would hold back each small line for an ACK;
             # that is a different lesson, so send at once.
-            with contextlib.suppress(OSError):  # already reset: _serve will see
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._nodelay:
+                with contextlib.suppress(OSError):  # already reset: _serve will see
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._start_thread(self._serve, sock, f"guest{next(self._names)}")
 
     def _serve(self, sock: socket.socket, name: str) -> None:

@@ -1,0 +1,69 @@
+"""Benchmark chatlib's engines side by side with a naive server and Redis pub/sub.
+
+Run ``python -m chatlib.bench`` (``--help`` for the options), or drive it from
+Python::
+
+    from chatlib.bench import run_fanout, run_scale, start_server
+
+    with start_server("asyncio") as server:
+        typing = run_fanout(server, clients=100, senders=10)
+        scale = run_scale(server, clients=1000)
+    print(typing.deliveries_per_s, typing.p99_ms, scale.kib_per_client)
+
+Every server runs in its own process on 127.0.0.1 and the load generator in
+this one; docs/benchmarks.md explains what each number means.
+"""
+
+from chatlib.bench.loadgen import (
+    FanoutResult,
+    MarkerCounter,
+    ScaleResult,
+    message_text,
+    resp_command,
+    run_fanout,
+    run_scale,
+)
+from chatlib.bench.report import (
+    TARGETS,
+    BenchReport,
+    TargetCheck,
+    check_targets,
+    format_report,
+    machine_info,
+    run_bench,
+)
+from chatlib.bench.servers import (
+    CHATLIB_ENGINES,
+    HOST,
+    SERVER_KINDS,
+    Server,
+    ServerError,
+    available_servers,
+    raise_open_files_limit,
+    start_server,
+)
+
+__all__ = [
+    "CHATLIB_ENGINES",
+    "HOST",
+    "SERVER_KINDS",
+    "TARGETS",
+    "BenchReport",
+    "FanoutResult",
+    "MarkerCounter",
+    "ScaleResult",
+    "Server",
+    "ServerError",
+    "TargetCheck",
+    "available_servers",
+    "check_targets",
+    "format_report",
+    "machine_info",
+    "message_text",
+    "raise_open_files_limit",
+    "resp_command",
+    "run_bench",
+    "run_fanout",
+    "run_scale",
+    "start_server",
+]

@@ -1,0 +1,94 @@
+"""Command line: ``python -m chatlib.bench``. See ``--help`` and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from chatlib.bench.report import format_report, run_bench
+from chatlib.bench.servers import SERVER_KINDS, available_servers
+
+# --quick: small enough for CI and notebooks, big enough to exercise every path.
+_QUICK = {"clients": 20, "senders": 4, "duration": 1.0, "warmup": 0.2, "idle_clients": 500}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the tables; return 0, or 1 if a server failed to run."""
+    parser = argparse.ArgumentParser(
+        prog="python -m chatlib.bench",
+        description="Compare chat servers on 127.0.0.1: chatlib's engines, a naive "
+        "thread-per-client server and Redis pub/sub. Every run is bounded in time. "
+        "docs/benchmarks.md explains the numbers.",
+    )
+    parser.add_argument(
+        "--servers",
+        help=f"comma-separated, from {','.join(SERVER_KINDS)} (default: those available here: "
+        f"{','.join(available_servers())})",
+    )
+    add = parser.add_argument
+    add("--clients", type=int, default=100, help="clients in the fan-out runs (%(default)s)")
+    add("--senders", type=int, default=10, help="how many of them send (%(default)s)")
+    add("--window", type=int, default=16, help="lines in flight when pipelined (%(default)s)")
+    add("--duration", type=float, default=3.0, help="seconds measured per run (%(default)s)")
+    add("--warmup", type=float, default=0.5, help="seconds before measuring (%(default)s)")
+    add(
+        "--idle-clients",
+        type=int,
+        default=5000,
+        help="clients in the scale run; 0 skips it (%(default)s)",
+    )
+    add("--broadcasts", type=int, default=5, help="broadcasts timed at scale (%(default)s)")
+    add(
+        "--scale-timeout",
+        type=float,
+        default=300.0,
+        help="seconds allowed per scale run (%(default)s)",
+    )
+    add(
+        "--quick",
+        action="store_true",
+        help="small sizes for CI and notebooks: "
+        + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in _QUICK.items()),
+    )
+    add(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin the server and the load generator to separate CPUs",
+    )
+    add("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**_QUICK)
+        args = parser.parse_args(argv)  # explicit options still win over --quick
+    servers = None  # all available
+    if args.servers:
+        servers = [name.strip() for name in args.servers.split(",") if name.strip()]
+        unknown = sorted(set(servers) - set(SERVER_KINDS))
+        if unknown:
+            parser.error(f"unknown server(s): {', '.join(unknown)}")
+
+    report = run_bench(
+        servers,
+        clients=args.clients,
+        senders=args.senders,
+        window=args.window,
+        duration=args.duration,
+        warmup=args.warmup,
+        idle_clients=args.idle_clients,
+        broadcasts=args.broadcasts,
+        scale_timeout=args.scale_timeout,
+        pin=args.pin,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(report.to_json(), out, indent=2)
+    # A missed target is in the text; the exit status says whether everything ran.
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,588 @@
+"""The load generator: thousands of client sockets in one process, one ``selectors`` loop.
+
+Every benchmark line carries a marker, ``<phase> <sender> <seq>`` with fixed
+widths, for example ``m 0003 00000017``. A chat server relays it as
+``<guest4> m 0003 00000017``, Redis as a RESP message whose payload is
+``<bench> m 0003 00000017``: either way the receiver's bytes contain
+``> m `` once per delivery, and ``> m 0003 `` once per line from sender 3.
+So a receiver never splits lines: it reads big chunks and counts markers with
+``bytes.count`` (:class:`MarkerCounter`).
+
+That, and reading the clients that only receive in batches (every
+``read_interval``) while the senders are read at once, keeps the load
+generator cheap enough to measure a server written in C; docs/benchmarks.md
+shows the check.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import selectors
+import socket
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import perf_counter
+
+from chatlib.bench.servers import Server, raise_open_files_limit
+
+__all__ = [
+    "FanoutResult",
+    "MarkerCounter",
+    "ScaleResult",
+    "message_text",
+    "resp_command",
+    "run_fanout",
+    "run_scale",
+]
+
+# One read takes whatever the kernel has queued, up to this much: when the load
+# generator falls behind, it reads more per call instead of making more calls.
+# Reads go into one reused buffer (recv_into): here, recv(256 KiB) cost 17 us more
+# per call than recv_into, allocating and trimming a fresh 256 KiB bytes each time.
+_RECV_SIZE = 256 * 1024
+# Connections opened but not yet greeted. Kept below the usual listen backlogs
+# (asyncio's 100, socket.listen()'s 128) so that no SYN is dropped: a dropped SYN
+# costs a 1 s retransmit.
+_CONNECT_BATCH = 64
+# How long to wait for stragglers after the senders stop.
+_DRAIN_TIMEOUT = 10.0
+# How often the registration check repeats its broadcast (see _LoadGen.sync).
+_SYNC_INTERVAL = 0.05
+# The settle check: the server is done once nothing arrives for this long.
+_QUIET = 0.5
+_MAX_SENDERS = 9999  # the sender field is four digits wide
+_REPORT_EVERY = 5.0  # seconds between progress lines in long waits
+
+Progress = Callable[[str], None]
+
+
+class MarkerCounter:
+    """Count a marker in a byte stream that arrives in arbitrary chunks.
+
+    TCP may split the stream anywhere, marker included, so the last
+    ``len(marker) - 1`` bytes are kept and searched again with the next chunk.
+    They are too short to hold a whole marker, so nothing is counted twice.
+    """
+
+    __slots__ = ("_keep", "_tail", "count", "marker")
+
+    def __init__(self, marker: bytes) -> None:
+        if len(marker) < 2:
+            raise ValueError("marker must be at least 2 bytes long")
+        # "aa" in "a" + "a" + "a" would count twice: the kept tail would be both
+        # the end of one match and the start of the next.
+        if any(marker[:k] == marker[-k:] for k in range(1, len(marker))):
+            raise ValueError(f"marker {marker!r} overlaps itself")
+        self.marker = marker
+        self.count = 0
+        self._keep = len(marker) - 1
+        self._tail = b""
+
+    def feed(self, chunk: bytes | bytearray, size: int | None = None) -> int:
+        """Count the markers completed by *chunk* (its first *size* bytes); return how many.
+
+        *chunk* may be a reused buffer: nothing keeps a reference to it.
+        """
+        end = len(chunk) if size is None else size
+        # Markers that straddle the previous chunk and this one; the rest are inside.
+        head = self._tail + chunk[: min(self._keep, end)]
+        found = head.count(self.marker) + chunk.count(self.marker, 0, end)
+        if end >= self._keep:
+            self._tail = bytes(chunk[end - self._keep : end])
+        else:
+            self._tail = head[-self._keep :]
+        self.count += found
+        return found
+
+
+def resp_command(*args: bytes | str) -> bytes:
+    """Encode a Redis command as RESP: an array of bulk strings.
+
+    >>> resp_command("PUBLISH", "chat", "hi")
+    b'*3\\r\\n$7\\r\\nPUBLISH\\r\\n$4\\r\\nchat\\r\\n$2\\r\\nhi\\r\\n'
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def message_text(phase: bytes, sender: int, seq: int) -> bytes:
+    """Return the text of benchmark line *seq* from *sender* in *phase* (one letter).
+
+    The fields have fixed widths, so ``> m 0003 `` cannot match sender 30 or 300.
+    """
+    return b"%s %04d %08d" % (phase, sender, seq)
+
+
+@dataclass
+class FanoutResult:
+    """What :func:`run_fanout` measured on one server."""
+
+    server: str
+    mode: str  #: "typing" (one line in flight per sender) or "pipelined"
+    clients: int
+    senders: int
+    window: int  #: lines each sender keeps in flight
+    seconds: float  #: from the first send to the last delivery
+    messages: int  #: lines sent (each should reach every client)
+    deliveries: int  #: copies counted at the clients
+    lost: int  #: copies that never arrived; anything but 0 is a bug
+    deliveries_per_s: float
+    p50_ms: float  #: median time from a sender's send to its own copy
+    p99_ms: float
+    loadgen_cpu: float  #: share of one core the load generator used (1.0 = saturated)
+    server_cpu: float | None  #: the same for the server process, if known
+
+
+@dataclass
+class ScaleResult:
+    """What :func:`run_scale` measured on one server."""
+
+    server: str
+    clients: int
+    rss_before_kib: int | None  #: server memory before the clients connected
+    rss_after_kib: int | None  #: ... and once they were all in and the server settled
+    kib_per_client: float | None
+    connect_s: float  #: connecting every client and letting the server settle
+    broadcast_ms: list[float] = field(default_factory=list)  #: one line until all had it
+    broadcast_median_ms: float = 0.0
+    loadgen_cpu: float = 0.0  #: share of one core the load generator used in the broadcasts
+
+
+def run_fanout(
+    server: Server,
+    *,
+    clients: int = 100,
+    senders: int = 10,
+    window: int = 1,
+    duration: float = 3.0,
+    warmup: float = 0.5,
+    read_interval: float = 0.002,
+    timeout: float = 60.0,
+    progress: Progress | None = None,
+) -> FanoutResult:
+    """Measure how fast *server* relays lines from *senders* to all *clients*.
+
+    Each of the first *senders* clients keeps *window* lines in flight: with
+    ``window=1`` it sends a line, waits for its own copy, sends the next (people
+    typing); with more it pipelines. After *warmup* seconds the measured phase
+    runs for *duration* seconds, then waits for every copy still on its way.
+    Deliveries are counted at the receivers, and latency from a sender's send to
+    its own copy, which the server sends out along with everyone else's.
+
+    Senders are read as soon as they have data; the other clients every
+    *read_interval* seconds (0: at once too), which keeps the load generator's
+    cost per line well below the server's. *timeout* bounds connecting and the
+    registration check.
+    """
+    if not 1 <= senders <= min(clients, _MAX_SENDERS):
+        raise ValueError(f"senders must be between 1 and min(clients, {_MAX_SENDERS})")
+    if window < 1:
+        raise ValueError("window must be at least 1")
+    gen = _LoadGen(server, progress)
+    try:
+        deadline = perf_counter() + timeout
+        gen.connect(clients, deadline)
+        gen.add_senders(senders, read_interval)
+        gen.sync(deadline)
+        if warmup > 0:
+            gen.run_phase(b"w", warmup, window)
+        return gen.run_phase(b"m", duration, window)
+    finally:
+        gen.close()
+
+
+def run_scale(
+    server: Server,
+    *,
+    clients: int = 5000,
+    broadcasts: int = 5,
+    timeout: float = 300.0,
+    progress: Progress | None = None,
+) -> ScaleResult:
+    """Connect *clients* idle clients to *server*; measure its memory and one broadcast.
+
+    Memory is the server's resident set before connecting and once every client
+    is greeted and nothing more arrives. Then one client (for Redis, a publisher)
+    sends a line, *broadcasts* times, and each time the clock runs until every
+    client has its copy. *timeout* bounds the whole run.
+    """
+    if clients < 1 or broadcasts < 1:
+        raise ValueError("clients and broadcasts must be at least 1")
+    gen = _LoadGen(server, progress)
+    try:
+        start = perf_counter()
+        deadline = start + timeout
+        rss_before = server.rss_kib()
+        gen.connect(clients, deadline)
+        gen.settle(deadline)
+        connect_s = perf_counter() - start
+        rss_after = server.rss_kib()
+        gen.add_senders(1)
+        gen.sync(deadline)
+        gen.settle(deadline)  # let the check's extra lines go by
+        cpu_before = _own_cpu_seconds()
+        wall_before = perf_counter()
+        times = [gen.broadcast_once(seq, deadline) * 1000 for seq in range(broadcasts)]
+        loadgen_cpu = (_own_cpu_seconds() - cpu_before) / (perf_counter() - wall_before)
+    finally:
+        gen.close()
+    per_client = None
+    if rss_before is not None and rss_after is not None:
+        per_client = (rss_after - rss_before) / clients
+    return ScaleResult(
+        server=server.name,
+        clients=clients,
+        rss_before_kib=rss_before,
+        rss_after_kib=rss_after,
+        kib_per_client=per_client,
+        connect_s=connect_s,
+        broadcast_ms=times,
+        broadcast_median_ms=statistics.median(times),
+        loadgen_cpu=loadgen_cpu,
+    )
+
+
+# Private: the load generator itself.
+
+
+class _Conn:
+    """One client socket and what it has counted so far."""
+
+    __slots__ = ("ready", "seen", "sender", "sock")
+
+    def __init__(self, sock: socket.socket, ready: bool = False) -> None:
+        self.sock = sock
+        self.ready = ready  # the server has said something to it
+        self.seen: MarkerCounter | None = None  # copies of the current phase's lines
+        self.sender: _Sender | None = None
+
+
+class _Sender:
+    """A client that sends, and times each of its lines until its own copy comes back."""
+
+    __slots__ = ("frame", "inflight", "latencies", "own", "phase", "sending", "seq", "sid", "sock")
+
+    def __init__(self, sid: int, sock: socket.socket, frame: Callable[[bytes], bytes]) -> None:
+        self.sid = sid
+        self.sock = sock  # the client's own socket, or for Redis its publisher connection
+        self.frame = frame
+        self.phase = b"s"
+        self.seq = 0
+        self.sending = False
+        self.own: MarkerCounter | None = None
+        self.inflight: collections.deque[float] = collections.deque()  # send times
+        self.latencies: list[float] = []
+
+    def start(self, phase: bytes) -> None:
+        self.phase = phase
+        self.seq = 0
+        self.sending = True
+        self.own = MarkerCounter(b"> %s %04d " % (phase, self.sid))
+        self.inflight.clear()
+        self.latencies = []
+
+    def send(self, count: int) -> None:
+        """Send *count* more lines in one write."""
+        lines = range(self.seq, self.seq + count)
+        data = b"".join(self.frame(message_text(self.phase, self.sid, n)) for n in lines)
+        self.inflight.extend(itertools.repeat(perf_counter(), count))
+        self.seq += count
+        _send_all(self.sock, data)
+
+    def on_echoes(self, count: int, now: float) -> None:
+        """Record *count* of our own lines coming back; send as many new ones."""
+        for _ in range(min(count, len(self.inflight))):
+            self.latencies.append(now - self.inflight.popleft())
+        if self.sending:
+            self.send(count)
+
+
+class _LoadGen:
+    """Client sockets on one server, and the loop that reads them."""
+
+    def __init__(self, server: Server, progress: Progress | None) -> None:
+        self.server = server
+        self.progress = progress or (lambda message: None)
+        self.selector = selectors.DefaultSelector()  # read as soon as data arrives
+        self.batched = selectors.DefaultSelector()  # read every read_interval seconds
+        self.read_interval = 0.0
+        self.next_batch = 0.0
+        self.buffer = bytearray(_RECV_SIZE)
+        self.conns: list[_Conn] = []
+        self.senders: list[_Sender] = []
+        if server.protocol == "redis":
+            self.hello = resp_command("SUBSCRIBE", "chat")
+            self.frame = _redis_frame
+        else:
+            self.hello = b""  # a chat server greets first
+            self.frame = _chat_frame
+        self.ready = 0  # clients the server has said something to
+        self.target = 1  # reached counts the clients whose seen.count is >= target
+        self.reached = 0
+        self.bytes_in = 0
+        self.started = perf_counter()
+
+    def close(self) -> None:
+        for selector in (self.selector, self.batched):
+            for key in list(selector.get_map().values()):
+                key.fileobj.close()  # type: ignore[union-attr]
+            selector.close()
+
+    def connect(self, count: int, deadline: float) -> None:
+        """Open *count* client sockets; return once the server has greeted every one."""
+        soft, _hard = raise_open_files_limit()
+        if 0 < soft < count + 100:
+            raise OSError(f"{count} clients need more open files than the limit of {soft}")
+        name = self.server.name
+        next_report = perf_counter() + _REPORT_EVERY
+        while self.ready < count:
+            while len(self.conns) < count and len(self.conns) - self.ready < _CONNECT_BATCH:
+                conn = _Conn(self._open())
+                if self.hello:
+                    _send_all(conn.sock, self.hello)
+                self.conns.append(conn)
+                self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            now = perf_counter()
+            if now > deadline:
+                raise TimeoutError(
+                    f"{name}: {self.ready} of {count} clients greeted after {self._elapsed()}"
+                )
+            if now > next_report:
+                self.progress(f"{name}: connecting {count} clients... {self.ready}/{count}")
+                next_report = now + _REPORT_EVERY
+            self._poll(min(0.1, deadline - now))
+
+    def add_senders(self, count: int, read_interval: float = 0.0) -> None:
+        """Make the first *count* clients senders (for Redis, each with its own publisher).
+
+        With a *read_interval*, the other clients are read in batches, that often.
+        """
+        self.read_interval = read_interval
+        for conn in self.conns[count:] if read_interval else ():
+            self.selector.unregister(conn.sock)
+            self.batched.register(conn.sock, selectors.EVENT_READ, conn)
+        for sid, conn in enumerate(self.conns[:count]):
+            sock = conn.sock
+            if self.server.protocol == "redis":
+                # A subscribed connection may not publish: give the sender a second one,
+                # whose replies (the receiver counts) are read and dropped.
+                sock = self._open()
+                selector = self.batched if read_interval else self.selector
+                selector.register(sock, selectors.EVENT_READ, _Conn(sock, ready=True))
+            conn.sender = _Sender(sid, sock, self.frame)
+            self.senders.append(conn.sender)
+
+    def sync(self, deadline: float) -> None:
+        """Repeat a broadcast until every client has received one.
+
+        A greeted client is not necessarily in the room yet: a server may greet
+        before it adds the client to the list a broadcast walks. Once a client
+        has received a broadcast, it gets every later one.
+        """
+        self._count(b"s", target=1)
+        sender = self.senders[0]
+        seq = 0
+        next_send = perf_counter()
+        while self.reached < len(self.conns):
+            now = perf_counter()
+            if now > deadline:
+                missing = len(self.conns) - self.reached
+                raise TimeoutError(
+                    f"{self.server.name}: {missing} clients got no broadcast in {self._elapsed()}"
+                )
+            if now >= next_send:
+                _send_all(sender.sock, self.frame(message_text(b"s", sender.sid, seq)))
+                seq += 1
+                next_send = now + _SYNC_INTERVAL
+            self._poll(min(next_send, deadline) - now)
+
+    def settle(self, deadline: float) -> None:
+        """Read until nothing has arrived for a while: the server has sent all it had."""
+        last_data = perf_counter()
+        bytes_seen = self.bytes_in
+        next_report = last_data + _REPORT_EVERY
+        while (now := perf_counter()) - last_data < _QUIET:
+            mib = self.bytes_in / 2**20
+            if now > deadline:
+                raise TimeoutError(
+                    f"{self.server.name}: still sending after {self._elapsed()}, {mib:.0f} MiB read"
+                )
+            if now > next_report:
+                self.progress(f"{self.server.name}: waiting for quiet... {mib:.0f} MiB read")
+                next_report = now + _REPORT_EVERY
+            self._poll(last_data + _QUIET - now)
+            if self.bytes_in != bytes_seen:
+                bytes_seen = self.bytes_in
+                last_data = perf_counter()
+
+    def run_phase(self, phase: bytes, duration: float, window: int) -> FanoutResult:
+        """Send for *duration* s with *window* lines in flight per sender; count every copy."""
+        clients = len(self.conns)
+        self._count(phase)
+        for sender in self.senders:
+            sender.start(phase)
+        cpu_before = _own_cpu_seconds()
+        server_cpu_before = self.server.cpu_seconds()
+        start = perf_counter()
+        stop_at = start + duration
+        for sender in self.senders:
+            sender.send(window)
+        delivered = 0
+        last_delivery = start
+        sent = None  # known once the senders stop
+        while True:
+            now = perf_counter()
+            if sent is None and now >= stop_at:
+                for sender in self.senders:
+                    sender.sending = False
+                sent = sum(sender.seq for sender in self.senders)
+            if sent is not None and (
+                delivered >= sent * clients or now >= stop_at + _DRAIN_TIMEOUT
+            ):
+                break
+            got = self._poll((stop_at if sent is None else stop_at + _DRAIN_TIMEOUT) - now)
+            if got:
+                delivered += got
+                last_delivery = perf_counter()
+        wall = perf_counter() - start
+        loadgen_cpu = (_own_cpu_seconds() - cpu_before) / wall
+        server_cpu_after = self.server.cpu_seconds()
+        server_cpu = None
+        if server_cpu_before is not None and server_cpu_after is not None:
+            server_cpu = (server_cpu_after - server_cpu_before) / wall
+        assert all(conn.seen is not None for conn in self.conns)
+        lost = sum(max(0, sent - conn.seen.count) for conn in self.conns)  # type: ignore[union-attr]
+        latencies = sorted(itertools.chain.from_iterable(s.latencies for s in self.senders))
+        seconds = last_delivery - start
+        return FanoutResult(
+            server=self.server.name,
+            mode="typing" if window == 1 else "pipelined",
+            clients=clients,
+            senders=len(self.senders),
+            window=window,
+            seconds=seconds,
+            messages=sent,
+            deliveries=delivered,
+            lost=lost,
+            deliveries_per_s=delivered / seconds if seconds > 0 else 0.0,
+            p50_ms=_percentile(latencies, 0.50) * 1000,
+            p99_ms=_percentile(latencies, 0.99) * 1000,
+            loadgen_cpu=loadgen_cpu,
+            server_cpu=server_cpu,
+        )
+
+    def broadcast_once(self, seq: int, deadline: float) -> float:
+        """Send one line from the first sender; return the seconds until every client had it."""
+        self._count(b"b", target=1)
+        sender = self.senders[0]
+        start = perf_counter()
+        _send_all(sender.sock, self.frame(message_text(b"b", sender.sid, seq)))
+        while self.reached < len(self.conns):
+            now = perf_counter()
+            if now > deadline:
+                missing = len(self.conns) - self.reached
+                raise TimeoutError(
+                    f"{self.server.name}: {missing} clients missed a broadcast ({self._elapsed()})"
+                )
+            self._poll(deadline - now)
+        return perf_counter() - start
+
+    # Private methods
+
+    def _open(self) -> socket.socket:
+        sock = socket.create_connection(self.server.address, timeout=10.0)
+        # Our lines must leave at once, not wait for an ACK: measure the server, not Nagle.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        return sock
+
+    def _elapsed(self) -> str:
+        return f"{perf_counter() - self.started:.0f} s"
+
+    def _count(self, phase: bytes, target: int = 0) -> None:
+        """Start counting *phase*'s lines at every client, from zero."""
+        marker = b"> " + phase + b" "
+        for conn in self.conns:
+            conn.seen = MarkerCounter(marker)
+        self.target = target or 2**62
+        self.reached = 0
+
+    def _poll(self, timeout: float) -> int:
+        """Wait up to *timeout* s for data, read it; return the deliveries counted."""
+        delivered = 0
+        if self.read_interval:
+            now = perf_counter()
+            if now >= self.next_batch:
+                delivered += self._read(self.batched.select(0))
+                self.next_batch = now + self.read_interval
+            timeout = min(timeout, self.next_batch - now)
+        return delivered + self._read(self.selector.select(timeout))
+
+    def _read(self, ready: list[tuple[selectors.SelectorKey, int]]) -> int:
+        """Read each ready socket once; return the deliveries counted."""
+        delivered = 0
+        buffer = self.buffer
+        for key, _events in ready:
+            conn = key.data
+            try:
+                size = conn.sock.recv_into(buffer)
+            except BlockingIOError:
+                continue
+            except OSError as error:
+                raise ConnectionError(f"{self.server.name}: {error}") from error
+            if not size:
+                raise ConnectionError(f"{self.server.name} closed a client's connection")
+            self.bytes_in += size
+            if not conn.ready:
+                conn.ready = True
+                self.ready += 1
+            seen = conn.seen
+            if seen is not None:
+                found = seen.feed(buffer, size)
+                if found:
+                    delivered += found
+                    if seen.count >= self.target > seen.count - found:
+                        self.reached += 1
+            sender = conn.sender
+            if sender is not None and sender.own is not None:
+                echoes = sender.own.feed(buffer, size)
+                if echoes:
+                    sender.on_echoes(echoes, perf_counter())
+        return delivered
+
+
+def _chat_frame(text: bytes) -> bytes:
+    return text + b"\n"
+
+
+def _redis_frame(text: bytes) -> bytes:
+    # "<bench> " makes Redis deliveries carry the same "> m " marker as chat lines.
+    return resp_command(b"PUBLISH", b"chat", b"<bench> " + text)
+
+
+def _send_all(sock: socket.socket, data: bytes) -> None:
+    # A sender has at most a window of short lines in flight, far less than a
+    # socket's send buffer: a short write means the server stopped reading.
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent != len(data):
+        raise ConnectionError("the server stopped reading: a client's send buffer is full")
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

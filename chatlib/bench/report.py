@@ -1,0 +1,437 @@
+"""Run the whole comparison, print it as tables, and check the project's targets."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chatlib.bench.loadgen import FanoutResult, Progress, ScaleResult, run_fanout, run_scale
+from chatlib.bench.servers import (
+    CHATLIB_ENGINES,
+    SERVER_KINDS,
+    Server,
+    ServerError,
+    available_servers,
+    raise_open_files_limit,
+    start_server,
+)
+
+__all__ = [
+    "TARGETS",
+    "BenchReport",
+    "TargetCheck",
+    "check_targets",
+    "format_report",
+    "machine_info",
+    "run_bench",
+]
+
+#: What chatlib's engines must reach, measured side by side in one run.
+TARGETS = {
+    "clients": 100,  # the fan-out targets are checked with this many clients...
+    "senders": 10,  # ... and senders
+    "share_of_redis": 0.5,  # typing deliveries/s, each engine vs Redis pub/sub
+    "times_naive": 2.0,  # typing deliveries/s, each engine vs the naive server
+    "idle_clients": 5000,  # the scale targets are checked with this many clients
+    "asyncio_kib_per_client": 4.0,
+    "asyncio_broadcast_ms": 100.0,
+}
+
+
+@dataclass
+class BenchReport:
+    """Everything one :func:`run_bench` measured, by server name."""
+
+    settings: dict[str, Any]
+    machine: dict[str, str]
+    typing: dict[str, FanoutResult] = field(default_factory=dict)
+    pipelined: dict[str, FanoutResult] = field(default_factory=dict)
+    scale: dict[str, ScaleResult] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  #: why a server has no numbers
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report as plain data, targets included."""
+        data = asdict(self)
+        data["targets"] = [asdict(check) for check in check_targets(self)]
+        return data
+
+
+@dataclass
+class TargetCheck:
+    """One target: passed (True/False), or None when this run could not check it."""
+
+    target: str
+    passed: bool | None
+    detail: str
+
+
+def run_bench(
+    servers: Sequence[str] | None = None,
+    *,
+    clients: int = 100,
+    senders: int = 10,
+    window: int = 16,
+    duration: float = 3.0,
+    warmup: float = 0.5,
+    idle_clients: int = 5000,
+    broadcasts: int = 5,
+    scale_timeout: float = 300.0,
+    pin: bool = True,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Measure each of *servers* (default: all available) in turn; return the report.
+
+    Each server gets a fresh process for the fan-out runs (typing, then
+    pipelined with *window* lines in flight) and another for the scale run
+    with *idle_clients* (0 skips it), bounded by *scale_timeout* seconds. With
+    *pin*, the server runs on one CPU and this process on another, for the
+    duration of the call.
+    """
+    say = progress or (lambda message: None)
+    names = list(servers) if servers is not None else available_servers()
+    settings = {
+        "servers": names,
+        "clients": clients,
+        "senders": senders,
+        "window": window,
+        "duration": duration,
+        "warmup": warmup,
+        "idle_clients": idle_clients,
+        "broadcasts": broadcasts,
+        "scale_timeout": scale_timeout,
+    }
+    report = BenchReport(settings=settings, machine=machine_info())
+    if servers is None:
+        for name in SERVER_KINDS:
+            if name not in names:
+                why = "no redis-server" if name == "redis" else "no chatlib.server"
+                report.notes.append(f"{name} skipped: {why} on this machine")
+    _soft, hard = raise_open_files_limit()
+    if 0 < hard < idle_clients + clients + 100:
+        report.notes.append(
+            f"the open-files hard limit ({hard}) is too low for {idle_clients} clients; "
+            "raise it (ulimit -Hn, as root) or pass a smaller --idle-clients"
+        )
+    with _pinned(pin) as cpus:
+        server_cpu, loadgen_cpu = cpus
+        if server_cpu is not None:
+            report.notes.append(
+                f"servers ran on CPU {server_cpu}, the load generator on CPU {loadgen_cpu}"
+            )
+        load_before = _load_average()
+        for name in names:
+            _measure_fanout(report, name, server_cpu, say)
+            if idle_clients > 0 and name not in report.errors:
+                _measure_scale(report, name, server_cpu, say)
+    # Others' work on the machine skews everything; say how busy it was.
+    report.notes.append(f"load average (1 min): {load_before} before, {_load_average()} after")
+    return report
+
+
+def check_targets(report: BenchReport) -> list[TargetCheck]:
+    """Check chatlib's engines against :data:`TARGETS`, as far as *report* allows."""
+    checks = []
+    redis = report.typing.get("redis")
+    naive = report.typing.get("naive")
+    share, times = TARGETS["share_of_redis"], TARGETS["times_naive"]
+    sizes = (report.settings["clients"], report.settings["senders"])
+    # At other sizes the ratios are shown, but they neither pass nor fail.
+    right_size = sizes == (TARGETS["clients"], TARGETS["senders"])
+    off_size = "" if right_size else ", at {} clients and {} senders".format(*sizes)
+    for engine in CHATLIB_ENGINES:
+        result = report.typing.get(engine)
+        vs_redis = f"{engine}: typing deliveries/s >= {share:.0%} of Redis"
+        vs_naive = f"{engine}: typing deliveries/s >= {times:g}x naive"
+        if result is None:
+            why = report.errors.get(engine, "not run")
+            failed = engine in report.errors
+            checks.append(TargetCheck(vs_redis, False if failed else None, why))
+            checks.append(TargetCheck(vs_naive, False if failed else None, why))
+            continue
+        if redis is None:
+            checks.append(TargetCheck(vs_redis, None, "Redis not run"))
+        else:
+            ratio = result.deliveries_per_s / redis.deliveries_per_s
+            passed = ratio >= share if right_size else None
+            checks.append(TargetCheck(vs_redis, passed, f"{ratio:.0%}{off_size}"))
+        if naive is None:
+            checks.append(TargetCheck(vs_naive, None, "naive not run"))
+        else:
+            ratio = result.deliveries_per_s / naive.deliveries_per_s
+            passed = ratio >= times if right_size else None
+            checks.append(TargetCheck(vs_naive, passed, f"{ratio:.1f}x{off_size}"))
+
+    wanted = TARGETS["idle_clients"]
+    kib, ms = TARGETS["asyncio_kib_per_client"], TARGETS["asyncio_broadcast_ms"]
+    memory = f"asyncio: < {kib:g} KiB per idle client at {wanted} clients"
+    reach = f"asyncio: one broadcast reaches {wanted} idle clients in < {ms:g} ms"
+    scale = report.scale.get("asyncio")
+    if scale is None:
+        skipped = "not run" if report.settings["idle_clients"] else "scale run skipped"
+        why = report.errors.get("asyncio", skipped)
+        failed = "asyncio" in report.errors
+        checks.append(TargetCheck(memory, False if failed else None, why))
+        checks.append(TargetCheck(reach, False if failed else None, why))
+    elif scale.clients < wanted:
+        why = f"measured with {scale.clients} clients; run with --idle-clients {wanted}"
+        checks.append(TargetCheck(memory, None, why))
+        checks.append(TargetCheck(reach, None, why))
+    else:
+        if scale.kib_per_client is None:
+            checks.append(TargetCheck(memory, None, "no memory figures on this system"))
+        else:
+            detail = f"{scale.kib_per_client:.2f} KiB"
+            checks.append(TargetCheck(memory, scale.kib_per_client < kib, detail))
+        median = scale.broadcast_median_ms
+        checks.append(TargetCheck(reach, median < ms, f"median {median:.1f} ms"))
+
+    results = [*report.typing.values(), *report.pipelined.values()]
+    lossy = [f"{r.server} ({r.mode}): {r.lost}" for r in results if r.lost]
+    detail = "; ".join(lossy) if lossy else f"{len(results)} runs"
+    checks.append(TargetCheck("every server: no lost deliveries", not lossy, detail))
+    return checks
+
+
+def format_report(report: BenchReport) -> str:
+    """Return the report as plain-text tables, with the targets at the end."""
+    s = report.settings
+    m = report.machine
+    lines = [
+        f"chatlib bench on {m['cpus']} CPUs ({m['cpu']}), {m['system']}, "
+        f"Python {m['python']}, {m['redis']}",
+        *(f"note: {note}" for note in report.notes),
+    ]
+    for mode, results in (("typing", report.typing), ("pipelined", report.pipelined)):
+        in_flight = 1 if mode == "typing" else s["window"]
+        lines += [
+            "",
+            f"Fan-out, {mode}: {s['clients']} clients, {s['senders']} senders, "
+            f"{in_flight} line{'s' if in_flight > 1 else ''} in flight per sender, "
+            f"{s['duration']:g} s",
+        ]
+        lines += _fanout_table(results)
+    if s["idle_clients"] > 0:
+        lines += [
+            "",
+            f"Connection scale: {s['idle_clients']} idle clients; broadcast: median of "
+            f"{s['broadcasts']}, one line until every client has read it",
+        ]
+        lines += _scale_table(report.scale)
+    if report.errors:
+        lines += ["", "Errors"]
+        lines += [f"  {name}: {error}" for name, error in report.errors.items()]
+    lines += ["", "Targets"]
+    marks = {True: "PASS", False: "FAIL", None: "n/a "}
+    lines += [f"  {marks[c.passed]}  {c.target} ({c.detail})" for c in check_targets(report)]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, str]:
+    """Describe this machine: CPUs, CPU model, system, Python and redis-server versions."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    redis = "no redis-server"
+    if executable := shutil.which("redis-server"):
+        version = subprocess.run([executable, "--version"], capture_output=True, text=True)
+        redis = " ".join(version.stdout.split()[:3]) or "redis-server (unknown version)"
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu": cpu,
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "redis": redis,
+    }
+
+
+# Private helpers
+
+
+def _measure_fanout(report: BenchReport, name: str, cpu: int | None, say: Progress) -> None:
+    s = report.settings
+    server = _start(report, name, cpu, say)
+    if server is None:
+        return
+    with server:
+        try:
+            for window, results in ((1, report.typing), (s["window"], report.pipelined)):
+                mode = "typing" if window == 1 else "pipelined"
+                say(f"{name}: {mode}, {s['clients']} clients, {s['senders']} senders...")
+                results[name] = run_fanout(
+                    server,
+                    clients=s["clients"],
+                    senders=s["senders"],
+                    window=window,
+                    duration=s["duration"],
+                    warmup=s["warmup"],
+                    progress=say,
+                )
+                say(f"{name}: {results[name].deliveries_per_s:,.0f} deliveries/s")
+        except OSError as error:  # ConnectionError and TimeoutError included
+            _record_error(report, name, "fan-out", error, server, say)
+        _note_exit(report, server)
+
+
+def _measure_scale(report: BenchReport, name: str, cpu: int | None, say: Progress) -> None:
+    s = report.settings
+    server = _start(report, name, cpu, say)
+    if server is None:
+        return
+    with server:
+        try:
+            say(f"{name}: connecting {s['idle_clients']} idle clients...")
+            result = run_scale(
+                server,
+                clients=s["idle_clients"],
+                broadcasts=s["broadcasts"],
+                timeout=s["scale_timeout"],
+                progress=say,
+            )
+            report.scale[name] = result
+            say(f"{name}: one broadcast to all in {result.broadcast_median_ms:.1f} ms")
+        except OSError as error:
+            _record_error(report, name, "scale", error, server, say)
+        _note_exit(report, server)
+
+
+def _start(report: BenchReport, name: str, cpu: int | None, say: Progress) -> Server | None:
+    say(f"{name}: starting the server...")
+    try:
+        return start_server(name, cpu=cpu)
+    except ServerError as error:
+        report.errors[name] = str(error)
+        say(f"{name}: {error}")
+        return None
+
+
+def _record_error(
+    report: BenchReport, name: str, run: str, error: OSError, server: Server, say: Progress
+) -> None:
+    message = f"{run}: {type(error).__name__}: {error}"
+    tail = server.output(limit=600).strip().splitlines()[-3:]
+    if tail:
+        message += " -- the server's last output: " + " | ".join(tail)
+    report.errors[name] = message
+    say(f"{name}: {message}")
+
+
+def _note_exit(report: BenchReport, server: Server) -> None:
+    status = server.stop()
+    if status not in (0, None):
+        report.notes.append(f"{server.name} exited with status {status} after SIGTERM")
+
+
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):  # Windows has none
+        return "?"
+
+
+@contextmanager
+def _pinned(pin: bool) -> Iterator[tuple[int | None, int | None]]:
+    """Yield (server CPU, load generator CPU), this process pinned to the latter meanwhile."""
+    if not pin or not hasattr(os, "sched_setaffinity"):
+        yield (None, None)
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield (None, None)
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[1]})
+    try:
+        yield (cpus[0], cpus[1])
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def _fanout_table(results: dict[str, FanoutResult]) -> list[str]:
+    redis = results.get("redis")
+    naive = results.get("naive")
+    rows = [
+        (
+            "server",
+            "deliveries/s",
+            "% of Redis",
+            "x naive",
+            "p50 ms",
+            "p99 ms",
+            "lost",
+            "server CPU",
+            "loadgen CPU",
+        )
+    ]
+    for name, r in results.items():
+        rows.append(
+            (
+                name,
+                f"{r.deliveries_per_s:,.0f}",
+                f"{r.deliveries_per_s / redis.deliveries_per_s:.0%}" if redis else "-",
+                f"{r.deliveries_per_s / naive.deliveries_per_s:.1f}x" if naive else "-",
+                f"{r.p50_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                str(r.lost),
+                _percent(r.server_cpu),
+                _percent(r.loadgen_cpu),
+            )
+        )
+    return _table(rows) if len(rows) > 1 else ["  (no results)"]
+
+
+def _scale_table(results: dict[str, ScaleResult]) -> list[str]:
+    rows = [
+        (
+            "server",
+            "KiB/client",
+            "RSS MiB before -> after",
+            "connect+settle s",
+            "broadcast ms",
+            "(each)",
+            "loadgen CPU",
+        )
+    ]
+    for name, r in results.items():
+        rss = "-"
+        if r.rss_before_kib is not None and r.rss_after_kib is not None:
+            rss = f"{r.rss_before_kib / 1024:.1f} -> {r.rss_after_kib / 1024:.1f}"
+        rows.append(
+            (
+                name,
+                "-" if r.kib_per_client is None else f"{r.kib_per_client:.2f}",
+                rss,
+                f"{r.connect_s:.1f}",
+                f"{r.broadcast_median_ms:.1f}",
+                " ".join(f"{t:.0f}" for t in r.broadcast_ms),
+                _percent(r.loadgen_cpu),
+            )
+        )
+    return _table(rows) if len(rows) > 1 else ["  (no results)"]
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Align *rows*: the first column left, the others right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        out.append("  " + "  ".join(cells))
+    return out

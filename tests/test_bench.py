@@ -1,0 +1,261 @@
+"""The benchmark's pieces are real: the naive server, the counting, RESP, a small run.
+
+Nothing here asserts on speed (the machine is shared); the runs are tiny and check
+that every delivery is counted, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chatlib.bench import (
+    BenchReport,
+    FanoutResult,
+    MarkerCounter,
+    ScaleResult,
+    Server,
+    check_targets,
+    format_report,
+    message_text,
+    resp_command,
+    run_fanout,
+    run_scale,
+    start_server,
+)
+from tests.helpers import TIMEOUT
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_redis = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed"
+)
+
+
+# Counting markers in a stream cut anywhere
+
+
+def test_marker_counter_counts_a_marker_split_at_every_position():
+    stream = b"*** guest2 joined\n<guest1> m 0003 00000017\n<guest2> m 0001 00000002\n"
+    for cut in range(len(stream) + 1):
+        counter = MarkerCounter(b"> m ")
+        counter.feed(stream[:cut])
+        counter.feed(stream[cut:])
+        assert counter.count == 2, f"cut at {cut}"
+
+
+@given(
+    pieces=st.lists(st.sampled_from([b"> m ", b"<g1", b"> ", b"m ", b">", b" ", b"\n"])),
+    data=st.data(),
+)
+def test_marker_counter_matches_bytes_count_however_the_stream_is_chunked(pieces, data):
+    stream = b"".join(pieces)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    counter = MarkerCounter(b"> m ")
+    buffer = bytearray(len(stream) + 8)  # the load generator reuses one buffer
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        buffer[: end - start] = stream[start:end]
+        counter.feed(buffer, end - start)
+    assert counter.count == stream.count(b"> m ")
+
+
+def test_marker_counter_refuses_a_marker_that_overlaps_itself():
+    with pytest.raises(ValueError, match="overlaps itself"):
+        MarkerCounter(b"abab")
+
+
+def test_message_text_has_fixed_widths_so_sender_markers_are_distinct():
+    assert message_text(b"m", 3, 17) == b"m 0003 00000017"
+    line = b"<guest4> " + message_text(b"m", 30, 1) + b"\n"
+    assert line.count(b"> m 0003 ") == 0
+    assert line.count(b"> m 0030 ") == 1
+
+
+# RESP, by hand
+
+
+def test_resp_command_encodes_an_array_of_bulk_strings():
+    assert resp_command("SUBSCRIBE", "chat") == b"*2\r\n$9\r\nSUBSCRIBE\r\n$4\r\nchat\r\n"
+    assert resp_command(b"PUBLISH", b"chat", b"hi") == (
+        b"*3\r\n$7\r\nPUBLISH\r\n$4\r\nchat\r\n$2\r\nhi\r\n"
+    )
+
+
+def test_resp_bulk_string_length_counts_bytes_not_characters():
+    assert resp_command("é\r\n") == b"*1\r\n$4\r\n\xc3\xa9\r\n\r\n"
+
+
+# The naive server
+
+
+@pytest.fixture
+def naive():
+    with start_server("naive") as server:
+        yield server
+
+
+def _read_until(sock: socket.socket, wanted: bytes) -> bytes:
+    """Read from *sock* until *wanted* has arrived; return everything read."""
+    received = b""
+    sock.settimeout(TIMEOUT)
+    while wanted not in received:
+        data = sock.recv(4096)
+        assert data, f"connection closed before {wanted!r}; got {received!r}"
+        received += data
+    return received
+
+
+def test_naive_server_relays_a_line_between_two_sockets(naive):
+    with (
+        socket.create_connection(naive.address) as alice,
+        socket.create_connection(naive.address) as bob,
+    ):
+        assert _read_until(alice, b"\n").startswith(b"*** ")
+        assert _read_until(bob, b"\n").startswith(b"*** ")
+        alice.sendall(b"hel")  # half a line first: the server must wait for the rest
+        alice.sendall(b"lo\nsecond line\r\n")
+        for sock in (alice, bob):
+            got = _read_until(sock, b"> second line\n")
+            assert b"> hello\n<" in got
+    # Both clients gone, the server still accepts and relays.
+    with socket.create_connection(naive.address) as carol:
+        _read_until(carol, b"\n")
+        carol.sendall(b"still here\n")
+        assert b"> still here\n" in _read_until(carol, b"still here\n")
+
+
+def test_naive_server_survives_a_reset_and_exits_cleanly(naive):
+    with socket.create_connection(naive.address) as bob:
+        _read_until(bob, b"\n")
+        rude = socket.create_connection(naive.address)
+        _read_until(rude, b"\n")
+        # SO_LINGER 0: close() sends a RST instead of a FIN.
+        rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        rude.close()
+        bob.sendall(b"anyone?\n")
+        _read_until(bob, b"> anyone?\n")
+    assert naive.stop() == 0
+    assert "Traceback" not in naive.output()
+
+
+# Small runs of the benchmark itself
+
+
+@pytest.mark.parametrize("window", [1, 16])
+def test_quick_fanout_against_naive_counts_every_delivery(naive, window):
+    result = run_fanout(naive, clients=20, senders=4, window=window, duration=0.3, warmup=0.1)
+    assert result.messages > 0
+    assert result.lost == 0
+    assert result.deliveries == result.messages * 20
+    assert result.deliveries_per_s > 0
+    assert 0 < result.p50_ms <= result.p99_ms
+    assert result.loadgen_cpu > 0
+
+
+def test_fanout_reads_every_client_at_once_or_in_batches_alike(naive):
+    for read_interval in (0.0, 0.02):
+        result = run_fanout(
+            naive, clients=10, senders=2, duration=0.2, warmup=0, read_interval=read_interval
+        )
+        assert result.lost == 0
+        assert result.deliveries == result.messages * 10
+
+
+def test_quick_scale_against_naive_sees_every_broadcast(naive):
+    result = run_scale(naive, clients=50, broadcasts=3)
+    assert len(result.broadcast_ms) == 3
+    assert all(ms > 0 for ms in result.broadcast_ms)
+    assert result.rss_after_kib is not None and result.rss_before_kib is not None
+    assert result.kib_per_client is not None and result.kib_per_client > 0
+
+
+@needs_redis
+def test_quick_fanout_against_redis_counts_every_delivery():
+    with start_server("redis") as redis:
+        result = run_fanout(redis, clients=20, senders=4, duration=0.3, warmup=0.1)
+        scale = run_scale(redis, clients=50, broadcasts=2)
+    assert result.lost == 0
+    assert result.deliveries == result.messages * 20 > 0
+    assert len(scale.broadcast_ms) == 2
+
+
+def test_server_refuses_any_address_but_loopback():
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1"):
+        Server("elsewhere", "chat", 5050, host="10.0.0.1")
+
+
+def test_command_line_quick_run_prints_tables_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--servers", "naive", "--duration", "0.2", "--idle-clients", "30"]
+    run = subprocess.run(
+        [sys.executable, "-m", "chatlib.bench", *args, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Fan-out, typing: 20 clients, 4 senders" in run.stdout
+    assert "Connection scale: 30 idle clients" in run.stdout
+    assert "Targets" in run.stdout
+    assert "naive: connecting 30 idle clients" in run.stderr  # progress goes to stderr
+    data = json.loads(out.read_text())
+    assert data["typing"]["naive"]["lost"] == 0
+    assert data["scale"]["naive"]["clients"] == 30
+
+
+# The targets are checked honestly
+
+
+def _fanout(server: str, per_s: float) -> FanoutResult:
+    return FanoutResult(server, "typing", 100, 10, 1, 3.0, 1, 100, 0, per_s, 1.0, 2.0, 0.5, 1.0)
+
+
+def _report(**typing: float) -> BenchReport:
+    settings = {"clients": 100, "senders": 10, "window": 16, "duration": 3.0, "idle_clients": 0}
+    machine = {"cpus": "2", "cpu": "x", "system": "y", "python": "3", "redis": "z"}
+    results = {name: _fanout(name, per_s) for name, per_s in typing.items()}
+    return BenchReport(settings=settings, machine=machine, typing=results)
+
+
+def test_targets_compare_each_engine_with_redis_and_naive():
+    report = _report(threads=600.0, selectors=400.0, redis=1000.0, naive=250.0)
+    checks = {c.target: c for c in check_targets(report)}
+    assert checks["threads: typing deliveries/s >= 50% of Redis"].passed is True
+    assert checks["threads: typing deliveries/s >= 2x naive"].passed is True
+    assert checks["selectors: typing deliveries/s >= 50% of Redis"].passed is False
+    assert checks["selectors: typing deliveries/s >= 2x naive"].passed is False
+    assert checks["asyncio: typing deliveries/s >= 50% of Redis"].passed is None  # not run
+    text = format_report(report)
+    assert "FAIL  selectors: typing deliveries/s >= 50% of Redis (40%)" in text
+    assert "n/a   asyncio" in text
+
+
+def test_targets_are_not_judged_at_other_sizes():
+    report = _report(asyncio=100.0, redis=1000.0, naive=250.0)
+    report.settings.update(clients=20, senders=4)
+    check = {c.target: c for c in check_targets(report)}["asyncio: typing deliveries/s >= 2x naive"]
+    assert check.passed is None
+    assert check.detail == "0.4x, at 20 clients and 4 senders"
+
+
+def test_targets_count_a_failed_engine_as_failed_and_a_small_scale_run_as_unchecked():
+    report = _report(redis=1000.0, naive=250.0)
+    report.errors["threads"] = "ConnectionError: boom"
+    report.scale["asyncio"] = ScaleResult("asyncio", 500, 1000, 2000, 2.0, 1.0, [5.0], 5.0, 0.5)
+    checks = {c.target: c for c in check_targets(report)}
+    assert checks["threads: typing deliveries/s >= 50% of Redis"].passed is False
+    assert checks["asyncio: < 4 KiB per idle client at 5000 clients"].passed is None
+    lost = _fanout("naive", 250.0)
+    lost.lost = 3
+    report.typing["naive"] = lost
+    checks = {c.target: c for c in check_targets(report)}
+    assert checks["every server: no lost deliveries"].passed is False
+    assert "naive (typing): 3" in checks["every server: no lost deliveries"].detail

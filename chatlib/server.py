@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     # Wait in short slices: on Windows a wait without a timeout is not
     # interrupted by Ctrl-C, so the signal handler would never run.
     while not stop_requested.wait(0.2):
-        pass
+        if not server.running:  # it failed, and its thread printed why
+            server.stop()
+            return 1
     logging.getLogger("chatlib.server").info("[STOPPING] Saying goodbye to the clients.")
     server.stop()
     return 0

@@ -114,6 +114,11 @@ class ServerBase:
         self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        """Return whether the background thread from :meth:`start` still serves."""
+        return self._thread is not None and self._thread.is_alive()
+
     def __enter__(self) -> ServerBase:
         return self.start()
 

@@ -331,6 +331,7 @@ class Room:
         """Take *conn* out of the room, tell the others, set its *state*."""
         del self._members[conn.name.casefold()]
         conn.state = state
+        conn.resume_at = None  # nothing more will be read from it
         self._ready[conn] = None
         self._broadcast("*** " + format_notice("left", name=conn.name, reason=reason))
 

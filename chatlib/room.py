@@ -67,6 +67,17 @@ class Limits:
     )
     burst: int = _limit(10, "lines a client may send at once before --rate applies")
 
+    def __post_init__(self) -> None:
+        """Refuse limits that would make the server useless; raise ValueError."""
+        for name in ("max_clients", "max_line", "sendq", "burst"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.rate < 0:
+            raise ValueError(f"rate must be 0 (no flood control) or more, not {self.rate}")
+        if self.sendq < self.max_line:
+            # Then one line of one client, sent to everyone, drops everyone.
+            raise ValueError(f"sendq ({self.sendq}) must be at least max_line ({self.max_line})")
+
 
 class State(enum.Enum):
     """Where a connection is in its life."""

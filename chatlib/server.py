@@ -43,7 +43,7 @@ def create_server(
     return module.ChatServer(host, port, limits=limits)
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
     parser = argparse.ArgumentParser(
         prog="python -m chatlib.server",
         description="A multi-client TCP chat server. Connect with "
@@ -65,16 +65,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             default=limit.default,
             help=limit.metadata["help"],
         )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        limits = Limits(
+            **{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)}
+        )
+    except ValueError as error:
+        parser.error(str(error).replace("_", "-"))  # the usage, the reason, and status 2
+    return args, limits
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server until Ctrl-C or SIGTERM; return the exit status."""
-    args = _parse_args(argv)
+    args, limits = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    limits = Limits(
-        **{limit.name: getattr(args, limit.name) for limit in dataclasses.fields(Limits)}
-    )
     try:
         server = create_server(args.engine, args.host, args.port, limits)
     except OSError as error:

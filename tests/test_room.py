@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 
 import pytest
@@ -549,3 +550,18 @@ def test_take_ready_returns_each_connection_once(trio, driver):
     assert room.take_ready() == []
     assert trio[1].data_to_send() == b"<alice> a\n<alice> b\n"
     assert trio[1].data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    ("limits", "complaint"),
+    [
+        ({"max_clients": 0}, "max_clients must be at least 1"),
+        ({"max_line": 0}, "max_line must be at least 1"),
+        ({"burst": 0}, "burst must be at least 1"),
+        ({"rate": -1}, "rate must be 0"),
+        ({"sendq": 100, "max_line": 512}, "sendq (100) must be at least max_line (512)"),
+    ],
+)
+def test_useless_limits_are_refused(limits, complaint):
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        Limits(**limits)

@@ -190,3 +190,17 @@ def test_limits_from_the_command_line_are_applied(run_server, engine):
         first.close()
         extra.close()
     assert server.proc.poll() is None  # refusing clients and lines does not stop the server
+
+
+def test_a_useless_limit_is_one_clear_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatlib.server", "--port", "0", "--sendq", "10"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(
+        "error: sendq (10) must be at least max-line (512)"
+    )
+    assert "Traceback" not in proc.stderr

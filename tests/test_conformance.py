@@ -23,7 +23,7 @@ import pytest
 from chatlib.protocol import COMMANDS, parse_notice, parse_server_line
 from chatlib.room import Limits
 from chatlib.server import create_server
-from tests.helpers import LineClient, forbidden_in, rss_bytes, wait_until
+from tests.helpers import LineClient, count_fds, forbidden_in, rss_bytes, wait_until
 
 MB = 1024 * 1024
 BYE_ALL = "*** The server is shutting down. Bye!"
@@ -447,6 +447,7 @@ def test_a_client_that_stops_reading_is_dropped_without_holding_up_others(start_
     server = start_server(sendq=64 * 1024)
     sleeper = connect(server, rcvbuf=4096)  # reads its welcome, then nothing more
     talker, listener = connect(server), connect(server)
+    fds_with_sleeper = count_fds()
     payload = "x" * 400
     pushed, batch, number = 0, 50, 0
     dropped = False
@@ -462,6 +463,8 @@ def test_a_client_that_stops_reading_is_dropped_without_holding_up_others(start_
             dropped = dropped or any(left_notice(sleeper)(line) for line in lines)
         pushed += batch * len(payload)
     assert talker.who() == [talker.name, listener.name]
+    # The server lets go of its socket even though the sleeper still reads nothing.
+    wait_until(lambda: count_fds() == fds_with_sleeper - 1, what="the sleeper's socket closed")
     sleeper.read_to_eof(timeout=30, cut_off_ok=True)
     talker.say("still here")
     listener.expect(f"<{talker.name}> still here")

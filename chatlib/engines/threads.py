@@ -284,10 +284,14 @@ class ChatServer(ServerBase):
         output = []
         for conn in ready:
             client = self._clients.get(conn)
-            if client is None or client.slow:
-                continue  # gone, or its writer takes the backlog when it can
+            if client is None:
+                continue  # gone already
             if conn.state is State.CLOSED:
+                # Dropped: wake its writer, even from inside sendall().
                 _shut_down(client.sock)
+                client.wakeup.notify()
+            elif client.slow:
+                continue  # its writer takes the backlog when it can
             elif conn.state is State.CLOSING:
                 self._hand_to_writer(client, conn.data_to_send())
             elif data := conn.data_to_send():

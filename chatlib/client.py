@@ -159,7 +159,8 @@ def _type(
                 return  # the server says goodbye and closes
     except EOFError:
         leaving.set()
-        client.send("/quit")
+        with contextlib.suppress(OSError):  # closed meanwhile: leaving anyway
+            client.send("/quit")
     except OSError:
         pass  # the server went away; main() says so
 

@@ -1,6 +1,7 @@
 """Chat server engines: the same room, driven by three kinds of I/O.
 
-- :mod:`chatlib.engines.threads` — a reader and a writer thread per client;
+- :mod:`chatlib.engines.threads` — a reader and a writer thread per client,
+  and one sender thread for all;
 - :mod:`chatlib.engines.selectors` — one thread, a hand-written event loop;
 - :mod:`chatlib.engines.asyncio` — one thread, asyncio's event loop.
 

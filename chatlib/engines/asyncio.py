@@ -31,14 +31,11 @@ import contextlib
 import threading
 from types import TracebackType
 
-from chatlib.engines.base import ServerBase, set_nodelay
+from chatlib.engines.base import LINGER, ServerBase, set_nodelay
 from chatlib.protocol import READ_SIZE
 from chatlib.room import Connection, State
 
 __all__ = ["ChatServer"]
-
-#: How long a leaving client may take to read its last lines.
-LINGER = 1.0
 
 
 class _Client(asyncio.BufferedProtocol):

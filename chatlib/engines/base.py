@@ -21,6 +21,7 @@ from chatlib.room import Limits, Room
 
 __all__ = [
     "ACCEPT_RETRY_DELAY",
+    "LINGER",
     "ServerBase",
     "create_listener",
     "log",
@@ -36,6 +37,10 @@ log = logging.getLogger("chatlib.server")
 #: Connections the kernel may hold for us before we accept() them. The
 #: socketserver default of 5 drops clients that arrive in a burst.
 BACKLOG = 1024
+
+#: How long a leaving client may take to read its last lines (its goodbye)
+#: and close its side before the engine cuts it off; stop() waits as long.
+LINGER = 1.0
 
 #: How long to stop accepting once the process is out of file descriptors
 #: or memory; asyncio waits as long. The client waits in the backlog.

@@ -27,14 +27,17 @@ import threading
 import time
 from collections.abc import Callable
 
-from chatlib.engines.base import ACCEPT_RETRY_DELAY, ServerBase, out_of_resources, set_nodelay
+from chatlib.engines.base import (
+    ACCEPT_RETRY_DELAY,
+    LINGER,
+    ServerBase,
+    out_of_resources,
+    set_nodelay,
+)
 from chatlib.protocol import READ_SIZE
 from chatlib.room import Connection, State
 
 __all__ = ["ChatServer"]
-
-#: How long a leaving client may take to read its last lines.
-LINGER = 1.0
 
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 

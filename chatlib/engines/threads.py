@@ -23,14 +23,17 @@ import socket
 import threading
 import time
 
-from chatlib.engines.base import ACCEPT_RETRY_DELAY, ServerBase, out_of_resources, set_nodelay
+from chatlib.engines.base import (
+    ACCEPT_RETRY_DELAY,
+    LINGER,
+    ServerBase,
+    out_of_resources,
+    set_nodelay,
+)
 from chatlib.protocol import READ_SIZE
 from chatlib.room import Connection, State
 
 __all__ = ["ChatServer"]
-
-#: How long a leaving client may take to read its last lines.
-LINGER = 1.0
 
 # A send that returns at once with what the kernel takes, even on a
 # blocking socket. Windows has no such flag: there every write goes through

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
+    "CLIENT_MAX_LINE",
     "COMMANDS",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
@@ -44,6 +45,11 @@ DEFAULT_PORT = 5050
 READ_SIZE = 64 * 1024
 
 MAX_NAME_LENGTH = 32
+
+#: The longest line chatlib's clients accept from a server. The room keeps
+#: every line it sends within it (a long member list is cut short), so only
+#: a broken server ever hits it.
+CLIENT_MAX_LINE = 64 * 1024
 
 # --- Sanitising --------------------------------------------------------------
 
@@ -196,12 +202,15 @@ COMMANDS = {
 def parse_command(line: str) -> Command:
     """Split a client's line into a :class:`Command`.
 
-    A line that does not start with ``/`` is a chat message (``"say"``), and
-    so is one starting with ``//``, which lets users say something that
-    starts with a slash. A line that is exactly ``exit`` means ``/quit``.
-    Unknown commands come back as they are; the room answers them with an
-    error line.
+    Spaces around the line do not count: ``" /quit"`` and ``"exit "`` leave
+    too. A line that does not start with ``/`` is a chat message
+    (``"say"``), and so is one starting with ``//``, which lets users say
+    something that starts with a slash. A line that is ``exit`` means
+    ``/quit``. Unknown commands come back as they are; the room answers them
+    with an error line. Clients use this function too, so that they and the
+    server agree on which lines leave.
     """
+    line = line.strip()
     if line == "exit":
         return Command("quit", "")
     if not line.startswith("/"):
@@ -284,9 +293,10 @@ NOTICES = {
         "Welcome to chatlib, {name}! Choose a name with /nick NAME; /help lists the commands.",
         re.compile(rf"Welcome to chatlib, {_NAME}! .*"),
     ),
+    # A long list is cut short to fit CLIENT_MAX_LINE: "Online (5000): a, b (and 4998 more)".
     "members": (
-        "Online ({count}): {names}",
-        re.compile(r"Online \((?P<count>\d+)\): (?P<names>.*)"),
+        "Online ({count}): {names}{more}",
+        re.compile(r"Online \((?P<count>\d+)\): (?P<names>.*?)(?: \(and (?P<more>\d+) more\))?"),
     ),
     "joined": ("{name} joined.", re.compile(rf"{_NAME} joined\.")),
     "left": ("{name} left{reason}.", re.compile(rf"{_NAME} left(?: \(.*\))?\.")),
@@ -307,7 +317,8 @@ def parse_notice(text: str) -> tuple[str, dict[str, str]] | None:
 
     Return ``(event, fields)``, e.g. ``("renamed", {"old": "guest1",
     "name": "alice"})``; for ``"members"`` the fields hold ``names``, a
-    comma-separated list. Return ``None`` for any other notice.
+    comma-separated list, and ``more``: ``None``, or how many names did not
+    fit on the line. Return ``None`` for any other notice.
     """
     for event, (_, pattern) in NOTICES.items():
         match = pattern.fullmatch(text)

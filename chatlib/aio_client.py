@@ -17,8 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from chatlib.client import CLIENT_MAX_LINE
-from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, LineFramer, encode_line
+from chatlib.protocol import (
+    CLIENT_MAX_LINE,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    READ_SIZE,
+    LineFramer,
+    encode_line,
+)
 
 __all__ = ["AsyncChatClient", "connect"]
 

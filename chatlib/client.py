@@ -3,7 +3,7 @@
 Run ``python -m chatlib.client --name alice``. A background thread prints
 what arrives while you type; on a terminal, the line you are typing is
 redrawn below each incoming message instead of being overwritten. Leave with
-``/quit``, ``exit``, Ctrl-D or Ctrl-C.
+``/quit``, ``exit``, Ctrl-D or Ctrl-C; the end of piped input leaves too.
 """
 
 from __future__ import annotations
@@ -15,15 +15,20 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
-from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, LineFramer, encode_line
+from chatlib.protocol import (
+    CLIENT_MAX_LINE,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    READ_SIZE,
+    LineFramer,
+    encode_line,
+    parse_command,
+)
 
 __all__ = ["ChatClient", "main"]
-
-#: Longest line a client accepts from the server. Far above what the server
-#: sends (its own limit plus a name), so only a broken server hits it.
-CLIENT_MAX_LINE = 64 * 1024
 
 
 class ChatClient:
@@ -97,6 +102,10 @@ class ChatClient:
 
 PROMPT = "> "
 
+#: How long the client waits, after leaving, for a server that has gone
+#: quiet to close the connection (see :meth:`_Listener.wait_for_goodbye`).
+QUIT_GRACE = 1.0
+
 
 class _Terminal:
     """Print incoming lines without clobbering the line being typed."""
@@ -140,29 +149,69 @@ class _Terminal:
         return line.rstrip("\n")
 
 
-def _receive(client: ChatClient, terminal: _Terminal, ended: threading.Event) -> None:
-    for line in client:
-        terminal.show(line)
-    ended.set()
+class _Listener:
+    """Show what the server sends; note when it last spoke and when it hung up."""
+
+    def __init__(self, client: ChatClient, terminal: _Terminal) -> None:
+        self.client = client
+        self.terminal = terminal
+        #: Set once the server has closed the connection.
+        self.ended = threading.Event()
+        self.last_heard = time.monotonic()
+
+    def run(self) -> None:
+        """Show each line until the connection ends; the receiving thread's body."""
+        for line in self.client:
+            self.last_heard = time.monotonic()
+            self.terminal.show(line)
+        self.ended.set()
+
+    def wait_for_goodbye(self, grace: float) -> None:
+        """Wait until the server closes, or has said nothing for *grace* seconds.
+
+        A server still working through our earlier lines (flood control
+        delays them) keeps answering them; one that is never going to close
+        falls silent, and then we leave without its goodbye.
+        """
+        started = time.monotonic()
+        # Polled: run() updates last_heard without waking anyone.
+        while not self.ended.wait(0.1):
+            if time.monotonic() - max(started, self.last_heard) > grace:
+                return
 
 
 def _type(
-    client: ChatClient, terminal: _Terminal, ended: threading.Event, leaving: threading.Event
+    client: ChatClient,
+    terminal: _Terminal,
+    leaving: threading.Event,
+    input_ended: threading.Event,
 ) -> None:
+    """Send each line read until the input ends, then set *input_ended*.
+
+    Reading goes on after a line that leaves: if the server does not take
+    it as one, the user is still in the room, and the end of the input must
+    still end the client.
+    """
     try:
-        while not ended.is_set():
+        while True:
             line = terminal.read_line()
-            if line.strip() in ("/quit", "exit"):
+            # The server's own parser: client and server agree on which lines leave.
+            if parse_command(line).name == "quit":
                 leaving.set()
             client.send(line)
-            if leaving.is_set():
-                return  # the server says goodbye and closes
     except EOFError:
-        leaving.set()
-        with contextlib.suppress(OSError):  # closed meanwhile: leaving anyway
-            client.send("/quit")
+        input_ended.set()
     except OSError:
-        pass  # the server went away; main() says so
+        pass  # the server went away: the receiver sees the end too, and main() says so
+
+
+def _leave(client: ChatClient, listener: _Listener, leaving: threading.Event) -> None:
+    """Say ``/quit`` unless a line that leaves went out already, then wait for the goodbye."""
+    if not leaving.is_set():
+        leaving.set()
+        with contextlib.suppress(OSError):  # the server may be gone already
+            client.send("/quit")
+    listener.wait_for_goodbye(QUIT_GRACE)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,20 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         client.send(f"/nick {args.name}")
 
     terminal = _Terminal(interactive=sys.stdin.isatty() and sys.stdout.isatty())
-    ended = threading.Event()  # the server closed the connection
-    leaving = threading.Event()  # we asked it to
-    receiver = threading.Thread(target=_receive, args=(client, terminal, ended), daemon=True)
-    typist = threading.Thread(target=_type, args=(client, terminal, ended, leaving), daemon=True)
+    listener = _Listener(client, terminal)
+    leaving = threading.Event()  # we asked the server to let us go
+    input_ended = threading.Event()  # Ctrl-D, or the end of piped input
+    receiver = threading.Thread(target=listener.run, daemon=True)
+    typist = threading.Thread(
+        target=_type, args=(client, terminal, leaving, input_ended), daemon=True
+    )
     receiver.start()
     typist.start()
     # Wait in short slices: on Windows a wait without a timeout is not
     # interrupted by Ctrl-C, so the signal handler would not run.
-    while not ended.wait(0.2):
-        if interrupted.is_set():
-            leaving.set()
-            with contextlib.suppress(OSError):  # the server may be gone already
-                client.send("/quit")
-            ended.wait(1.0)
+    while not listener.ended.wait(0.2):
+        if interrupted.is_set() or input_ended.is_set():
+            _leave(client, listener, leaving)
             break
     client.close()
     if not leaving.is_set():

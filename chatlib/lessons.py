@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
 
-from chatlib.protocol import READ_SIZE, LineFramer, encode_line
+from chatlib.protocol import CLIENT_MAX_LINE, READ_SIZE, LineFramer, encode_line
 from chatlib.room import Limits, Room
 
 __all__ = [
@@ -43,10 +43,6 @@ __all__ = [
     "threads_named",
     "wait_until",
 ]
-
-#: Longest line the test clients accept: far above anything a server sends,
-#: so only a broken server hits it.
-CLIENT_MAX_LINE = 1024 * 1024
 
 Matcher = str | Callable[[str], bool]
 
@@ -545,14 +541,15 @@ def check_safe_clients(make_clients: Callable[[], object]) -> str:
 def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str:
     """Check lesson 03's ``lines_before_drop(sendq, line_size)`` against a real Room.
 
-    The room is sans-I/O, so this needs no sockets: a client that never
-    takes its data is sent lines until the room drops it.
+    The room is sans-I/O, so this needs no sockets: the engine of a client
+    that stops reading reports the first line as unsent, and the room
+    counts that and every line queued behind it until it drops the client.
     """
     cases = [(1000, 100), (1024, 20), (64 * 1024, 500)]
     for sendq, line_size in cases:
         room = Room(Limits(sendq=sendq, rate=0, max_line=max(line_size, 512)))
-        stuck = room.connect("stuck")
-        talker = room.connect("talker")
+        stuck = room.connect("stuck", 0.0)
+        talker = room.connect("talker", 0.0)
         room.take_ready()
         stuck.data_to_send()  # the welcome lines were written out
         text = "x" * (line_size - len("<guest2> ") - 1)
@@ -560,6 +557,8 @@ def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str
         while stuck.state.name == "OPEN" and sent <= sendq:
             room.receive_data(talker, encode_line(text), 0.0)
             talker.data_to_send()
+            if sent == 0:  # the kernel takes none of it: the client has stopped reading
+                room.data_unsent(stuck, len(stuck.data_to_send()))
             sent += 1
         got = lines_before_drop(sendq, line_size)
         assert got == sent - 1, (

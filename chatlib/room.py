@@ -1,22 +1,26 @@
-"""The chat room, without any I/O: who is here, and who gets what.
+"""The chat room, without any I/O: who is here, who gets what, and when to close.
 
 A :class:`Room` holds one :class:`Connection` per client. An engine (threads,
-selectors or asyncio) owns the sockets and does three things only:
+selectors or asyncio) owns the sockets and carries out what the room decides,
+mechanically:
 
 1. tell the room what happened: :meth:`Room.connect` for a new client,
    :meth:`Room.receive_data` for bytes read, :meth:`Room.receive_eof` when
-   the client closed its side, :meth:`Room.connection_lost` once the socket
-   is closed;
-2. after each call, take the connections that have something new with
-   :meth:`Room.take_ready`, and for each write out
-   :meth:`Connection.data_to_send` — or close it at once if its
-   :attr:`~Connection.state` is ``CLOSED``, or once everything is written
-   if it is ``CLOSING``;
-3. stop reading from a connection while :attr:`Connection.resume_at` is
-   set, and call :meth:`Room.resume` at that time (flood control).
+   the client ended its side, :meth:`Room.deadline_reached` when a
+   connection's :attr:`~Connection.deadline` is due, and
+   :meth:`Room.connection_lost` when its socket fails;
+2. after each call, take the connections with news from
+   :meth:`Room.take_ready` (until it returns none) and act on each as its
+   :attr:`~Connection.state` says (see :data:`LIFECYCLE`): write out
+   :meth:`Connection.data_to_send` and report with :meth:`Room.data_unsent`
+   what the kernel did not take; once a ``CLOSING`` connection has nothing
+   left to write, end our side of the stream and call :meth:`Room.eof_sent`;
+   close a ``CLOSED`` one (abortively if :attr:`~Connection.cut_off`) and
+   forget it: the room has forgotten it already;
+3. read from a connection only while :attr:`Connection.reading` is true.
 
-The room never blocks and never reads a clock: callers pass ``now``.
-It is not thread-safe; a threaded engine calls it under one lock.
+The room never blocks and never reads a clock: callers pass ``now``. It is
+not thread-safe; a threaded engine calls it under one lock.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatlib.protocol import (
+    CLIENT_MAX_LINE,
     COMMANDS,
     Command,
     LineFramer,
@@ -35,7 +40,12 @@ from chatlib.protocol import (
     parse_command,
 )
 
-__all__ = ["Connection", "Limits", "Room", "State"]
+__all__ = ["LIFECYCLE", "LINGER", "Connection", "Limits", "Room", "State"]
+
+#: How long a leaving client has, from the moment it leaves the room, to read
+#: its last lines (its goodbye) and end its side before it is cut off. It
+#: also bounds how long stopping a server takes.
+LINGER = 1.0
 
 
 def _limit(default: float, help: str) -> Any:
@@ -80,22 +90,67 @@ class Limits:
 
 
 class State(enum.Enum):
-    """Where a connection is in its life."""
+    """Where a connection is in its life; :data:`LIFECYCLE` says how it moves."""
 
-    #: In the room: sending and receiving.
+    #: In the room. Read its lines (while :attr:`Connection.reading`), write
+    #: what is queued.
     OPEN = "open"
-    #: Out of the room. Write what is queued, then close the socket.
+    #: Out of the room, saying goodbye. Write what is queued, then end our
+    #: side of the stream (``SHUT_WR``) and call :meth:`Room.eof_sent`.
+    #: Read and drop what the client still sends.
     CLOSING = "closing"
-    #: Out of the room, and nothing more will be written. Close now.
+    #: Our side has ended. Read and drop what the client sends until it ends
+    #: its side too, or the deadline passes.
+    DRAINING = "draining"
+    #: Close the socket now: abortively (a reset) if
+    #: :attr:`Connection.cut_off`, so that nothing unsent lingers in the kernel.
     CLOSED = "closed"
+
+
+#: The life of a connection, as data: for each state, the events that move it
+#: on and where they take it. Every change of state goes through this table,
+#: and docs/engines.md draws its diagram from it.
+#:
+#: - *leave*: ``/quit``, its end of stream, a full room, the server shutting down;
+#: - *our side ended*: the engine wrote everything and sent its end of stream;
+#: - *both sides ended*: ours, and the client's;
+#: - *cut off*: a reset, the send queue exceeded, or the deadline passed.
+LIFECYCLE: dict[State, dict[str, State]] = {
+    State.OPEN: {"leave": State.CLOSING, "cut off": State.CLOSED},
+    State.CLOSING: {
+        "our side ended": State.DRAINING,
+        "both sides ended": State.CLOSED,
+        "cut off": State.CLOSED,
+    },
+    State.DRAINING: {"both sides ended": State.CLOSED, "cut off": State.CLOSED},
+    State.CLOSED: {},
+}
 
 
 class Connection:
     """One client's side of the room: its name, its input, its output queue.
 
-    Engines read :attr:`state` and :attr:`resume_at` and call
-    :meth:`data_to_send`; everything else is the room's business.
+    Engines read :attr:`state`, :attr:`deadline`, :attr:`reading` and
+    :attr:`cut_off`, and call :meth:`data_to_send`; everything else is the
+    room's business.
     """
+
+    __slots__ = (
+        "_framer",
+        "_outgoing",
+        "_overlong_reported",
+        "_peer_eof",
+        "_queued",
+        "_tokens",
+        "_tokens_at",
+        "_unsent",
+        "_warned_flood",
+        "cut_off",
+        "deadline",
+        "name",
+        "peer",
+        "state",
+    )
 
     def __init__(self, room: Room, peer: object, name: str) -> None:
         #: Whatever the engine passed to :meth:`Room.connect`, for its logs.
@@ -104,29 +159,50 @@ class Connection:
         self.name = name
         #: See :class:`State`.
         self.state = State.OPEN
-        #: While set, the client is over its flood budget: read nothing
-        #: more from it and call :meth:`Room.resume` at this time.
-        self.resume_at: float | None = None
+        #: When to call :meth:`Room.deadline_reached`, or ``None``. While the
+        #: connection is ``OPEN`` it means the client is over its flood budget
+        #: (and :attr:`reading` is false); once it leaves, it is when the
+        #: client is cut off if it has not ended its side.
+        self.deadline: float | None = None
+        #: Whether a ``CLOSED`` connection ended without a clean goodbye: the
+        #: engine closes it with a reset, so the kernel keeps nothing for it.
+        self.cut_off = False
         self._framer = LineFramer(room.limits.max_line)
         self._overlong_reported = 0
-        self._eof = False
+        self._peer_eof = False
         self._outgoing: list[bytes] = []
-        self._outgoing_size = 0
+        self._queued = 0  # bytes in _outgoing
+        self._unsent = 0  # bytes the engine took and the kernel has not yet
         self._tokens = float(room.limits.burst)
         self._tokens_at: float | None = None  # when _tokens was last topped up
         self._warned_flood = False
+
+    @property
+    def reading(self) -> bool:
+        """Return whether the engine should read from this connection now.
+
+        Not after the client's end of stream (a level-triggered selector
+        would report it readable forever), not while it is over its flood
+        budget (TCP then pushes back on it), and not once it is closed. A
+        leaving client is read, and what it sends is dropped: closing a
+        socket with input unread makes the kernel send a reset, which can
+        destroy the goodbye before the client has read it.
+        """
+        if self._peer_eof or self.state is State.CLOSED:
+            return False
+        return self.state is not State.OPEN or self.deadline is None
 
     def data_to_send(self) -> bytes:
         """Return everything queued for this client and empty the queue.
 
         All lines queued since the last call come out as one ``bytes``, so
         an engine writes a client's whole backlog with one system call.
-        Take more only once the previous data is fully written: the room
-        counts only what it still holds against the client's send queue.
+        Then tell the room with :meth:`Room.data_unsent` how much of it the
+        kernel did not take, and take more only once that is written.
         """
         data = b"".join(self._outgoing)
         self._outgoing.clear()
-        self._outgoing_size = 0
+        self._queued = 0
         return data
 
     def __repr__(self) -> str:
@@ -141,11 +217,15 @@ class Room:
         # casefold()ed name -> connection: names are unique ignoring case.
         self._members: dict[str, Connection] = {}
         self._ready: dict[Connection, None] = {}  # an ordered set
+        # Connections past their send queue, dropped once the fan-out that
+        # pushed them over is done (Redis's CLIENT_CLOSE_ASAP): a drop tells
+        # the others, and telling them inside the fan-out would re-enter it.
+        self._over_limit: dict[Connection, None] = {}
         self._guest_number = 0
 
     # --- Public methods -------------------------------------------------
 
-    def connect(self, peer: object) -> Connection:
+    def connect(self, peer: object, now: float) -> Connection:
         """Let a new client in and return its connection.
 
         When the room is full, the connection comes back ``CLOSING`` with
@@ -153,59 +233,99 @@ class Room:
         """
         conn = Connection(self, peer, self._new_guest_name())
         if len(self._members) >= self.limits.max_clients:
-            conn.state = State.CLOSING
             self._send(conn, f"*** Sorry, the server is full ({self.limits.max_clients} clients).")
-            return conn
-        self._broadcast("*** " + format_notice("joined", name=conn.name))
-        self._members[conn.name.casefold()] = conn
-        self._send(conn, "*** " + format_notice("welcome", name=conn.name))
-        self._send_members(conn)
+            self._move(conn, "leave", now)
+        else:
+            self._broadcast("*** " + format_notice("joined", name=conn.name))
+            self._members[conn.name.casefold()] = conn
+            self._send(conn, "*** " + format_notice("welcome", name=conn.name))
+            self._send_members(conn)
+        self._drop_over_limit()
         return conn
 
     def receive_data(self, conn: Connection, data: bytes, now: float) -> None:
-        """Handle *data* read from *conn*'s socket at time *now* (seconds)."""
+        """Handle *data* read from *conn*'s socket at time *now* (seconds).
+
+        A connection that is leaving has its input dropped.
+        """
         if conn.state is State.OPEN:
             conn._framer.feed(data)
             self._process(conn, now)
+            self._drop_over_limit()
 
     def receive_eof(self, conn: Connection, now: float) -> None:
-        """Handle the client closing its sending side (``recv()`` gave ``b""``).
+        """Handle the client ending its sending side (``recv()`` gave ``b""``).
 
         Lines it sent before are still handled, a final line without a
         newline included; then the client leaves and its connection is
         ``CLOSING`` (a half-closed client may still read the goodbye).
         """
-        conn._eof = True
+        conn._peer_eof = True
+        self._ready[conn] = None  # reading has stopped
         if conn.state is State.OPEN:
             self._process(conn, now)
+        elif conn.state is State.DRAINING:
+            self._move(conn, "both sides ended")
+        self._drop_over_limit()
 
-    def resume(self, conn: Connection, now: float) -> None:
-        """Go on with *conn*'s lines once :attr:`Connection.resume_at` is due."""
+    def data_unsent(self, conn: Connection, size: int) -> None:
+        """Record that *size* bytes the engine took still wait for the kernel.
+
+        Call it after each write with what is left (0 once everything is
+        written). The send queue limit counts these bytes and those still
+        queued in the room: it is about what a client leaves unread, so a
+        client whose writes the kernel takes in full is never dropped,
+        however much one turn sent it.
+        """
+        conn._unsent = size
+        if size and conn.state is not State.CLOSED:
+            self._check_send_queue(conn)
+            self._drop_over_limit()
+
+    def eof_sent(self, conn: Connection) -> None:
+        """Record that the engine wrote everything and ended our side of the stream."""
+        if conn.state is State.CLOSING:
+            self._move(conn, "both sides ended" if conn._peer_eof else "our side ended")
+
+    def deadline_reached(self, conn: Connection, now: float) -> None:
+        """Act on *conn*'s :attr:`~Connection.deadline`, which is due at *now*.
+
+        An early or stale call does nothing, so an engine need not cancel
+        the timers it set for deadlines that have moved since.
+        """
+        if conn.deadline is None or conn.deadline > now:
+            return
         if conn.state is State.OPEN:
-            self._process(conn, now)
+            self._process(conn, now)  # the flood budget has refilled
+        else:
+            self._move(conn, "cut off")
+        self._drop_over_limit()
 
     def connection_lost(self, conn: Connection) -> None:
-        """Forget *conn*; call it once its socket is closed, for any reason."""
-        if conn.state is State.OPEN:
-            self._leave(conn, State.CLOSED)
-        conn.state = State.CLOSED
-        conn.data_to_send()
-        self._ready.pop(conn, None)
+        """Handle *conn*'s socket failing: a reset, a broken pipe, a transport lost.
 
-    def shut_down(self) -> None:
-        """Say goodbye to everyone: all connections become ``CLOSING``."""
-        for conn in list(self._members.values()):
+        The connection is cut off (``CLOSED``) and the engine closes it as
+        any other. Once a connection is ``CLOSED`` this does nothing.
+        """
+        if conn.state is not State.CLOSED:
+            self._cut_off(conn)
+            self._drop_over_limit()
+
+    def shut_down(self, now: float) -> None:
+        """Say goodbye to everyone: every member becomes ``CLOSING``."""
+        leaving = list(self._members.values())
+        self._members.clear()  # nobody is told about the others leaving
+        for conn in leaving:
             self._send(conn, "*** The server is shutting down. Bye!")
-            del self._members[conn.name.casefold()]
-            conn.state = State.CLOSING
+            self._move(conn, "leave", now)
+        self._drop_over_limit()
 
     def take_ready(self) -> list[Connection]:
-        """Return the connections with new output or a new state, once each.
+        """Return the connections with news since the last call, once each.
 
-        Call it after every other call and act on each connection returned:
-        close it if it is ``CLOSED``; otherwise write its
-        :meth:`~Connection.data_to_send` (and close it afterwards if it is
-        ``CLOSING``).
+        News is output queued, a change of state, or a change of deadline.
+        Act on each connection returned (see the module's docstring), then
+        call this again: acting on one may give news to others.
         """
         ready = list(self._ready)
         self._ready.clear()
@@ -221,22 +341,24 @@ class Room:
     def _process(self, conn: Connection, now: float) -> None:
         """Handle *conn*'s complete lines as far as its flood budget allows."""
         framer = conn._framer
-        conn.resume_at = None
+        if conn.deadline is not None:
+            conn.deadline = None
+            self._ready[conn] = None  # reading resumes
         while conn.state is State.OPEN and framer.has_line():
             if not self._take_token(conn, now):
                 return
             line = framer.next_line()
             self._report_overlong(conn)
             if line is not None and line.strip():
-                self._dispatch(conn, parse_command(line))
+                self._dispatch(conn, parse_command(line), now)
         self._report_overlong(conn)  # an endless line shows up before its end
-        if conn._eof and conn.state is State.OPEN:
+        if conn._peer_eof and conn.state is State.OPEN:
             last_line = framer.finish()
             self._report_overlong(conn)
             if last_line and last_line.strip():
-                self._dispatch(conn, parse_command(last_line))
+                self._dispatch(conn, parse_command(last_line), now)
             if conn.state is State.OPEN:
-                self._leave(conn, State.CLOSING)
+                self._leave(conn, now)
 
     def _report_overlong(self, conn: Connection) -> None:
         if conn._framer.overlong > conn._overlong_reported:
@@ -257,7 +379,8 @@ class Room:
             if conn._tokens >= burst - 1:
                 conn._warned_flood = False
             return True
-        conn.resume_at = now + (1 - conn._tokens) / rate
+        conn.deadline = now + (1 - conn._tokens) / rate
+        self._ready[conn] = None  # reading stops until then
         if not conn._warned_flood:
             conn._warned_flood = True
             self._send(
@@ -273,7 +396,13 @@ class Room:
             if name not in self._members:  # someone may have picked it
                 return name
 
-    def _dispatch(self, conn: Connection, command: Command) -> None:
+    def _dispatch(self, conn: Connection, command: Command, now: float) -> None:
+        if command.name == "quit":
+            # The only command that changes the connection's life, so the
+            # only one that needs the time (its deadline to leave).
+            self._send(conn, f"*** Bye, {conn.name}!")
+            self._leave(conn, now)
+            return
         known = command.name == "say" or command.name in COMMANDS
         handler = getattr(self, "_do_" + command.name) if known else None
         if handler is None:
@@ -325,26 +454,56 @@ class Room:
             self._send(conn, f"***   {usage:<16} {meaning}")
         self._send(conn, "***   (start a message with // to say something that starts with /)")
 
-    def _do_quit(self, conn: Connection, args: str) -> None:
-        self._send(conn, f"*** Bye, {conn.name}!")
-        self._leave(conn, State.CLOSING)
-
     def _send_usage(self, conn: Connection, command: str) -> None:
         usage, meaning = COMMANDS[command]
         self._send(conn, f"!!! Usage: {usage} ({meaning}).")
 
     def _send_members(self, conn: Connection) -> None:
         names = self.members
-        notice = format_notice("members", count=len(names), names=", ".join(names))
+        # Cut a long list short, so that the line stays within what chatlib's
+        # clients accept: past about 1,900 members it would not.
+        budget = CLIENT_MAX_LINE - len(
+            "*** " + format_notice("members", count=len(names), names="", more="")
+        )
+        budget -= len(f" (and {len(names)} more)")
+        shown, size = [], 0
+        for name in names:
+            size += len(name.encode()) + 2  # and ", "
+            if size > budget:
+                break
+            shown.append(name)
+        more = f" (and {len(names) - len(shown)} more)" if len(shown) < len(names) else ""
+        notice = format_notice("members", count=len(names), names=", ".join(shown), more=more)
         self._send(conn, "*** " + notice)
 
-    def _leave(self, conn: Connection, state: State, reason: str = "") -> None:
-        """Take *conn* out of the room, tell the others, set its *state*."""
+    def _leave(self, conn: Connection, now: float, reason: str = "") -> None:
+        """Take *conn* out of the room to say goodbye, and tell the others."""
         del self._members[conn.name.casefold()]
-        conn.state = state
-        conn.resume_at = None  # nothing more will be read from it
-        self._ready[conn] = None
+        self._move(conn, "leave", now)
         self._broadcast("*** " + format_notice("left", name=conn.name, reason=reason))
+
+    def _cut_off(self, conn: Connection, reason: str = "") -> None:
+        """End *conn* at once, without a goodbye; tell the others if it was in the room."""
+        was_member = self._members.get(conn.name.casefold()) is conn
+        if was_member:
+            del self._members[conn.name.casefold()]
+        conn.data_to_send()  # nobody will read it
+        conn._unsent = 0
+        self._move(conn, "cut off")
+        if was_member:
+            self._broadcast("*** " + format_notice("left", name=conn.name, reason=reason))
+
+    def _move(self, conn: Connection, event: str, now: float | None = None) -> None:
+        """Move *conn* on through :data:`LIFECYCLE`; its engine acts on the new state."""
+        conn.state = LIFECYCLE[conn.state][event]
+        if conn.state is State.CLOSING:
+            # One deadline for the whole way out: writing the goodbye (which
+            # a client that does not read would hold up forever) and draining.
+            conn.deadline = now + LINGER
+        elif conn.state is State.CLOSED:
+            conn.deadline = None
+            conn.cut_off = event == "cut off"
+        self._ready[conn] = None
 
     def _send(self, conn: Connection, text: str) -> None:
         self._queue([conn], encode_line(text))
@@ -356,18 +515,30 @@ class Room:
 
     def _queue(self, conns: list[Connection], data: bytes) -> None:
         size = len(data)
-        sendq = self.limits.sendq
-        over = []
         for conn in conns:
             conn._outgoing.append(data)
-            conn._outgoing_size += size
-            if conn._outgoing_size > sendq:
-                over.append(conn)
+            conn._queued += size
+            if conn._unsent:
+                # The kernel is not taking what it has: this may be a client
+                # that does not read. (Whatever is queued for one that does
+                # leaves at the end of this turn.)
+                self._check_send_queue(conn)
         self._ready.update(dict.fromkeys(conns))
-        for conn in over:
-            # A client that does not read must not make the server hold an
-            # ever-growing backlog: drop it, as IRC's "SendQ exceeded" does.
-            conn.data_to_send()
-            if conn.state is State.OPEN:
-                self._leave(conn, State.CLOSED, " (send queue exceeded)")
-            conn.state = State.CLOSED
+
+    def _check_send_queue(self, conn: Connection) -> None:
+        if conn._unsent + conn._queued > self.limits.sendq:
+            self._over_limit[conn] = None
+
+    def _drop_over_limit(self) -> None:
+        """Drop the clients past their send queue, now that no fan-out is running.
+
+        Each drop tells the others, which may push more clients over: the
+        loop takes them too, with no recursion however many there are.
+        """
+        while self._over_limit:
+            conn = next(iter(self._over_limit))
+            del self._over_limit[conn]
+            if conn.state is not State.CLOSED:
+                # A client that does not read must not make the server hold an
+                # ever-growing backlog: drop it, as IRC's "SendQ exceeded" does.
+                self._cut_off(conn, " (send queue exceeded)")

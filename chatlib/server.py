@@ -3,6 +3,10 @@
 Pick the engine with ``--engine``; every engine speaks the same protocol,
 applies the same limits and writes the same log lines. Ctrl-C (or SIGTERM)
 tells the clients, closes every connection and exits with status 0.
+
+The log goes to stdout through a bounded queue and a writer thread, so a
+stdout nobody reads never stops the serving: lines that find the queue full
+are dropped and counted, and the writer says how many once it catches up.
 """
 
 from __future__ import annotations
@@ -12,18 +16,35 @@ import dataclasses
 import errno
 import importlib
 import logging
+import logging.handlers
+import os
+import queue
 import signal
 import sys
 import threading
+import time
+from typing import TextIO
 
 from chatlib.engines.base import ServerBase
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
 from chatlib.room import Limits
 
-__all__ = ["ENGINES", "create_server", "main"]
+__all__ = ["ENGINES", "LOG_FLUSH_TIMEOUT", "LOG_QUEUE_LINES", "create_server", "main"]
 
 #: The engines, by the name ``--engine`` takes.
 ENGINES = ("threads", "selectors", "asyncio")
+
+#: Log lines that may wait for stdout. The writer drains them as fast as stdout
+#: takes them, so only a burst faster than the terminal waits here: a thousand
+#: lines hold a thousand clients arriving at once. A queue that stays full means
+#: nobody reads stdout (say, a pipe to a stopped reader); holding more lines
+#: would only cost memory, some 600 bytes each.
+LOG_QUEUE_LINES = 1000
+
+#: How long exiting waits for the queued lines to be written: a slow reader
+#: catches up well within it, and a stdout nobody reads would hold the exit
+#: forever.
+LOG_FLUSH_TIMEOUT = 1.0
 
 
 def create_server(
@@ -41,6 +62,93 @@ def create_server(
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     module = importlib.import_module(f"chatlib.engines.{engine}")
     return module.ChatServer(host, port, limits=limits)
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Put each record on a bounded queue without ever waiting; count those that do not fit."""
+
+    def __init__(self, log_queue: queue.Queue) -> None:
+        super().__init__(log_queue)
+        #: Records dropped and not yet reported. ``Handler.handle()`` holds
+        #: ``self.lock`` around ``emit()``, so the serving threads count in turn.
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            # The stock enqueue lets queue.Full reach handleError(), which prints
+            # a traceback for every line lost.
+            self.dropped += 1
+
+    def take_dropped(self) -> int:
+        """Return how many records were dropped since the last call."""
+        with self.lock:
+            dropped, self.dropped = self.dropped, 0
+        return dropped
+
+
+class _StdoutWriter(logging.handlers.QueueListener):
+    """Write the queued records to *stream* from a daemon thread; report the dropped ones."""
+
+    def __init__(self, handler: _DroppingQueueHandler, stream: TextIO) -> None:
+        super().__init__(handler.queue)
+        self._handler = handler
+        # Past the stream's buffer, and so past its lock: a thread blocked in a write
+        # while holding that lock makes the interpreter abort at exit ("could not
+        # acquire lock for <_io.BufferedWriter name='<stdout>'> at interpreter shutdown").
+        # Under python -u (PYTHONUNBUFFERED) the buffer is the raw file already.
+        self._raw = getattr(stream.buffer, "raw", stream.buffer)
+        self._encoding = stream.encoding
+
+    def handle(self, record: logging.LogRecord) -> None:
+        self._write(record.getMessage())
+        if self.queue.empty():  # caught up: the lines lost meanwhile can be told
+            self._report_dropped()
+
+    def stop(self, timeout: float = LOG_FLUSH_TIMEOUT) -> None:
+        """Write out the queued lines and stop, waiting at most *timeout* seconds.
+
+        If stdout stays blocked that long, give up: the thread is a daemon, so it
+        does not hold up the exit, and the lines still queued are lost.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            self.queue.put(self._sentinel, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if not self._thread.is_alive():
+            # Lines dropped after the last catch-up, while the queue held the sentinel.
+            self._report_dropped()
+
+    def _report_dropped(self) -> None:
+        dropped = self._handler.take_dropped()
+        if dropped:
+            plural = "" if dropped == 1 else "s"
+            self._write(f"[LOG] {dropped} log line{plural} dropped: the output was not being read.")
+
+    def _write(self, line: str) -> None:
+        data = memoryview((line + os.linesep).encode(self._encoding, "backslashreplace"))
+        try:
+            while data:
+                written = self._raw.write(data)  # may write part of it, if a signal comes
+                if written is None:  # a non-blocking stdout is full
+                    raise BlockingIOError
+                data = data[written:]
+        except OSError:
+            # Closed (its reader exited), or non-blocking and full: the line is lost,
+            # and the server goes on.
+            pass
+
+
+def _log_to_stdout() -> _StdoutWriter:
+    """Send the log to stdout through a bounded queue; return the writer, started."""
+    handler = _DroppingQueueHandler(queue.Queue(LOG_QUEUE_LINES))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    writer = _StdoutWriter(handler, sys.stdout)
+    writer.start()
+    return writer
 
 
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
@@ -78,7 +186,14 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
 def main(argv: list[str] | None = None) -> int:
     """Run the server until Ctrl-C or SIGTERM; return the exit status."""
     args, limits = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    log_writer = _log_to_stdout()
+    try:
+        return _serve(args, limits)
+    finally:
+        log_writer.stop()
+
+
+def _serve(args: argparse.Namespace, limits: Limits) -> int:
     try:
         server = create_server(args.engine, args.host, args.port, limits)
     except OSError as error:

@@ -106,6 +106,7 @@ _STYLE = """<style>
 .chat-panel .chat-members { padding-left: 0.6em; }
 .chat-panel .chat-members-title { font-weight: bold; }
 .chat-panel .chat-member.chat-own { background: none; font-weight: bold; }
+.chat-panel .chat-members-more { color: var(--jp-ui-font-color3, #999); font-style: italic; }
 .chat-panel .chat-status-on { color: var(--jp-success-color1, #2e7d32); }
 .chat-panel .chat-status-off { color: var(--jp-error-color1, #c62828); }
 </style>"""
@@ -176,8 +177,8 @@ class ChatPanel:
     in it, so leaving the box sends what it holds, once.
 
     The same things work from code: :meth:`send`, :attr:`messages`,
-    :meth:`wait_for`, :attr:`members`, :attr:`name`, :attr:`connected`,
-    :meth:`close` and :meth:`reconnect`.
+    :meth:`wait_for`, :attr:`members`, :attr:`member_count`, :attr:`name`,
+    :attr:`connected`, :meth:`close` and :meth:`reconnect`.
 
     *name* is the name to ask for; the server may refuse it (taken, or not a
     valid name), and then :attr:`name` is the guest name it gave. A panel
@@ -211,6 +212,10 @@ class ChatPanel:
         self._session: _Session | None = None
         self._name: str | None = None
         self._members: list[str] = []
+        # How many are online that the member list leaves out: in a big room
+        # the server cuts its list short to keep the line within what
+        # clients accept ("Online (5000): a, b (and 4998 more)").
+        self._unlisted = 0
         self._messages: deque[Received] = deque(maxlen=history)
         self._log_lines: deque[str] = deque(maxlen=history)
         self._clearing_input = False
@@ -345,9 +350,19 @@ class ChatPanel:
 
     @property
     def members(self) -> list[str]:
-        """Who is online, in order of arrival, as the server's notices say."""
+        """Who is online, in order of arrival, as the server's notices say.
+
+        In a big room the server's list names only those who fit on one
+        line; :attr:`member_count` counts everyone.
+        """
         with self._lock:
             return list(self._members)
+
+    @property
+    def member_count(self) -> int:
+        """How many are online, counting those the server's list left out."""
+        with self._lock:
+            return len(self._members) + self._unlisted
 
     @property
     def messages(self) -> tuple[Received, ...]:
@@ -389,6 +404,7 @@ class ChatPanel:
             self._session = session
             self._name = None  # until the welcome says which guest we are
             self._members = []
+            self._unlisted = 0
             self._render_locked()
         _open_sessions.add(session)
         if self.requested_name:
@@ -449,25 +465,31 @@ class ChatPanel:
                 session.named.set()
         elif event == "members":
             self._members = fields["names"].split(", ") if fields["names"] else []
+            self._unlisted = max(0, int(fields["count"]) - len(self._members))
         elif event == "joined":
             if name in self._members:
                 return True
             self._members.append(name)
         elif event == "left":
-            if name not in self._members:
+            if name in self._members:
+                self._members.remove(name)
+            elif self._unlisted:
+                self._unlisted -= 1  # one of those the list left out
+            else:
                 return True
-            self._members.remove(name)
         elif event == "renamed":
             if fields["old"] == self._name:
                 self._name = name
                 session.named.set()
-            if fields["old"] not in self._members:
+            if fields["old"] in self._members:
+                self._members[self._members.index(fields["old"])] = name
+            elif not self._unlisted:
                 return True
-            self._members[self._members.index(fields["old"])] = name
         return False
 
     def _lost_locked(self, reason: str) -> None:
         self._members = []
+        self._unlisted = 0
         self._add_local_locked("notice", reason)
         self._render_locked()
         self._changed.notify_all()
@@ -534,7 +556,10 @@ class ChatPanel:
             f"{html.escape(member)}</div>"
             for member in self._members
         )
-        title = f"Online ({len(self._members)})" if connected else "Offline"
+        if self._unlisted:
+            members += f'<div class="chat-members-more">and {self._unlisted} more</div>'
+        count = len(self._members) + self._unlisted
+        title = f"Online ({count})" if connected else "Offline"
         self.members_view.value = f'<div class="chat-members-title">{title}</div>{members}'
         self.input.disabled = not connected
         self.send_button.disabled = not connected

@@ -234,9 +234,11 @@ class LineClient:
 class RoomDriver:
     """Drive a :class:`Room` as an engine would, with a fake clock and no sockets.
 
-    After every call it takes the ready connections and collects what each would be sent
-    into :attr:`inbox` (decoded strictly, checked for controls), except for connections
-    listed in :attr:`stalled`, which stand for clients that do not read.
+    After every call it acts on the ready connections exactly as the module docstring of
+    :mod:`chatlib.room` tells engines to, and collects what each would be sent into
+    :attr:`inbox` (decoded strictly, checked for controls). Connections in :attr:`stalled`
+    stand for clients that do not read: the first backlog they are given stays unsent, and
+    they are given nothing more until :meth:`release`.
     """
 
     def __init__(self, **limits: object) -> None:
@@ -244,11 +246,14 @@ class RoomDriver:
         self.now = 0.0
         self.inbox: dict[Connection, list[str]] = {}
         self.stalled: set[Connection] = set()
-        #: Connections the room asked to close, with the state they were closed in.
-        self.closed: dict[Connection, State] = {}
+        #: What a stalled connection took and has not sent.
+        self.unsent: dict[Connection, bytes] = {}
+        #: How each connection the engine has ended went: "our side ended" once its EOF is
+        #: sent, then "closed" or "cut off".
+        self.ended: dict[Connection, str] = {}
 
     def connect(self, peer: object = None) -> Connection:
-        conn = self.room.connect(peer)
+        conn = self.room.connect(peer, self.now)
         self.inbox[conn] = []
         self._collect()
         return conn
@@ -264,8 +269,16 @@ class RoomDriver:
         self.room.receive_eof(conn, self.now)
         self._collect()
 
-    def resume(self, conn: Connection) -> None:
-        self.room.resume(conn, self.now)
+    def deadline_reached(self, conn: Connection) -> None:
+        """Tell the room that *conn*'s deadline is due (at the driver's :attr:`now`)."""
+        self.room.deadline_reached(conn, self.now)
+        self._collect()
+
+    def release(self, conn: Connection) -> None:
+        """Let a stalled connection read again: its unsent backlog is delivered."""
+        self.stalled.discard(conn)
+        self._deliver(conn, self.unsent.pop(conn, b""))
+        self.room.data_unsent(conn, 0)
         self._collect()
 
     def lose(self, conn: Connection) -> None:
@@ -273,7 +286,7 @@ class RoomDriver:
         self._collect()
 
     def shut_down(self) -> None:
-        self.room.shut_down()
+        self.room.shut_down(self.now)
         self._collect()
 
     def take(self, conn: Connection) -> list[str]:
@@ -285,16 +298,28 @@ class RoomDriver:
         return {conn: self.take(conn) for conn in self.inbox}
 
     def _collect(self) -> None:
-        for conn in self.room.take_ready():
-            if conn.state is State.CLOSED:
-                assert conn.data_to_send() == b"", "a CLOSED connection still has data"
-                self.closed[conn] = conn.state
-                continue
-            if conn in self.stalled:
-                continue
-            data = conn.data_to_send()
-            if data:
-                assert data.endswith(b"\n")
-                self.inbox[conn].extend(decode_line(raw) for raw in data[:-1].split(b"\n"))
-            if conn.state is State.CLOSING:
-                self.closed[conn] = conn.state
+        while ready := self.room.take_ready():
+            for conn in ready:
+                self._act_on(conn)
+
+    def _act_on(self, conn: Connection) -> None:
+        if conn.state is State.CLOSED:
+            assert conn.data_to_send() == b"", "a CLOSED connection still has data"
+            self.ended[conn] = "cut off" if conn.cut_off else "closed"
+            self.unsent.pop(conn, None)
+            return
+        if conn in self.stalled:
+            if conn not in self.unsent:
+                self.unsent[conn] = conn.data_to_send()
+                self.room.data_unsent(conn, len(self.unsent[conn]))
+            return
+        self._deliver(conn, conn.data_to_send())
+        self.room.data_unsent(conn, 0)
+        if conn.state is State.CLOSING:
+            self.ended[conn] = "our side ended"
+            self.room.eof_sent(conn)
+
+    def _deliver(self, conn: Connection, data: bytes) -> None:
+        if data:
+            assert data.endswith(b"\n")
+            self.inbox[conn].extend(decode_line(raw) for raw in data[:-1].split(b"\n"))

@@ -1,13 +1,24 @@
-"""The asyncio client API against every engine, and ChatClient's programmatic side."""
+"""The asyncio client API against every engine, and ChatClient's programmatic side.
+
+The last tests hold every chatlib client (these two and the course's
+:class:`~chatlib.lessons.LineClient`) to the same rules for the lines at the
+edges: a last line without its newline, and the longest line there is.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from chatlib.aio_client import connect
 from chatlib.client import ChatClient
+from chatlib.lessons import LineClient
+from chatlib.protocol import CLIENT_MAX_LINE
 from chatlib.room import Limits
 from chatlib.server import ENGINES, create_server
 
@@ -81,3 +92,63 @@ def test_server_lines_are_sanitised_on_the_way_in_too():
                 return [line async for line in client]
 
     assert asyncio.run(run()) == ["*** hi ^[[2J\ufffd31m \ufffd"]
+
+
+# --- Every client, at the edges ----------------------------------------------
+
+
+@contextlib.contextmanager
+def server_sending(data: bytes) -> Iterator[int]:
+    """Serve one client: send it *data*, then close. Yield the port to connect to."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(data)
+
+        thread = threading.Thread(target=serve, name="server_sending", daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), "the client never connected"
+
+
+def read_with_chat_client(port: int) -> list[str]:
+    with ChatClient("127.0.0.1", port) as client:
+        client._sock.settimeout(TIMEOUT)  # a hung test fails instead (recv times out: the end)
+        return list(client)
+
+
+def read_with_async_client(port: int) -> list[str]:
+    async def read() -> list[str]:
+        async with await connect("127.0.0.1", port) as client:
+            return [line async for line in client]
+
+    return asyncio.run(asyncio.wait_for(read(), TIMEOUT))
+
+
+def read_with_line_client(port: int) -> list[str]:
+    with LineClient(("127.0.0.1", port), timeout=TIMEOUT) as client:
+        return client.read_to_end()
+
+
+CLIENTS = [read_with_chat_client, read_with_async_client, read_with_line_client]
+
+
+@pytest.mark.parametrize("read_all", CLIENTS)
+def test_a_last_line_without_newline_is_kept(read_all: Callable[[int], list[str]]):
+    # nc sends one when the user presses Ctrl-D mid-line; a server may too.
+    with server_sending(b"hello\nlast words") as port:
+        assert read_all(port) == ["hello", "last words"]
+
+
+@pytest.mark.parametrize("read_all", CLIENTS)
+def test_a_line_of_client_max_line_bytes_arrives_and_a_longer_one_is_dropped(
+    read_all: Callable[[int], list[str]],
+):
+    longest = b"x" * CLIENT_MAX_LINE
+    too_long = b"y" * (CLIENT_MAX_LINE + 1)
+    with server_sending(longest + b"\n" + too_long + b"\nafter\n") as port:
+        assert read_all(port) == [longest.decode(), "after"]

@@ -48,6 +48,16 @@ def read_until(client: ChatClient, predicate) -> list[str]:
     raise AssertionError(f"connection ended or timed out first; got {lines}")
 
 
+def wait_for_exit(proc: subprocess.Popen) -> int:
+    """Return *proc*'s exit status once it exits; kill it and fail if it does not (bounded)."""
+    try:
+        return proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the client did not exit within {TIMEOUT} s") from None
+
+
 def test_piped_stdin_sends_each_line_then_leaves(server):
     with ChatClient(*server.address) as watcher:
         proc = run_client(server, "--name", "carol", stdin=subprocess.PIPE)
@@ -61,16 +71,50 @@ def test_piped_stdin_sends_each_line_then_leaves(server):
     assert "* carol waves" in seen
 
 
-@pytest.mark.parametrize("leave", ["/quit", "exit"])
+# Spaces around a command do not count (chatlib.protocol.parse_command), and
+# commands are not case-sensitive: the client must agree with the server.
+@pytest.mark.parametrize("leave", ["/quit", "exit", "exit ", " exit", " /quit", "/quit ", "/QUIT"])
 def test_quit_and_exit_leave_cleanly(server, leave):
     proc = run_client(server, "--name", "dave", stdin=subprocess.PIPE)
     proc.stdin.write(f"hi\n{leave}\n")
     proc.stdin.flush()
-    # stdin stays open: the client must leave because of the command alone.
-    out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0
+    # stdin stays open (no communicate() until it has exited): the client
+    # must leave because of the command alone, not because its input ended.
+    assert wait_for_exit(proc) == 0
+    out, err = proc.communicate()
     assert "*** Bye, dave!" in out
+    assert "Disconnected" not in out  # it knew it was leaving
     assert err == ""
+
+
+@pytest.mark.parametrize("last", ["hello", "/quit", "exit "])
+def test_end_of_input_ends_the_client_even_if_the_server_never_answers(last):
+    # A listener that never accepts: the connection completes in its
+    # backlog, and nothing is ever sent back, not even a goodbye.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        host, port = silent.getsockname()
+        with subprocess.Popen(
+            [sys.executable, "-m", "chatlib.client", "--host", host, "--port", str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            proc.stdin.write(f"{last}\n")
+            proc.stdin.close()  # the end of the input
+            assert wait_for_exit(proc) == 0
+            out, err = proc.stdout.read(), proc.stderr.read()
+        assert err == ""
+        assert "Disconnected" not in out
+        silent.settimeout(TIMEOUT)
+        conn, _ = silent.accept()
+        with conn:
+            heard = b""
+            while data := conn.recv(4096):
+                heard += data
+    # One goodbye: /quit at the end of the input, unless the last line left already.
+    said = {"hello": b"hello\n/quit\n", "/quit": b"/quit\n", "exit ": b"exit \n"}
+    assert heard == said[last]
 
 
 def test_refused_connection_is_one_clear_line():

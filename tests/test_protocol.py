@@ -302,6 +302,27 @@ def test_parse_command(line, command):
     assert parse_command(line) == command
 
 
+# The terminal client decides with parse_command whether a line leaves, so
+# the server and it agree on every one of these.
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        ("exit ", Command("quit", "")),
+        (" exit", Command("quit", "")),
+        ("  exit  ", Command("quit", "")),
+        (" /quit", Command("quit", "")),
+        ("/quit ", Command("quit", "")),
+        (" /nick alice ", Command("nick", "alice")),
+        (" // slash", Command("say", "/ slash")),
+        ("  hello  ", Command("say", "hello")),
+        (" exit now ", Command("say", "exit now")),
+        ("   ", Command("say", "")),
+    ],
+)
+def test_spaces_around_a_line_do_not_count(line, command):
+    assert parse_command(line) == command
+
+
 def test_every_command_has_usage_and_help():
     assert set(COMMANDS) == {"nick", "who", "me", "msg", "help", "quit"}
     for name, (usage, meaning) in COMMANDS.items():
@@ -374,7 +395,6 @@ def test_parse_server_line(line, parsed):
             {"name": "guest1"},
             "Welcome to chatlib, guest1! Choose a name with /nick NAME; /help lists the commands.",
         ),
-        ("members", {"count": 2, "names": "alice, bob"}, "Online (2): alice, bob"),
         ("joined", {"name": "alice"}, "alice joined."),
         ("left", {"name": "alice", "reason": ""}, "alice left."),
         (
@@ -391,6 +411,32 @@ def test_notices_round_trip(event, fields, text):
     assert parsed_event == event
     wanted = {key: str(value) for key, value in fields.items() if key != "reason"}
     assert parsed == wanted
+
+
+@pytest.mark.parametrize(
+    ("fields", "text", "parsed"),
+    [
+        (
+            {"count": 2, "names": "alice, bob", "more": ""},
+            "Online (2): alice, bob",
+            {"count": "2", "names": "alice, bob", "more": None},
+        ),
+        (
+            {"count": 1, "names": "alice", "more": ""},
+            "Online (1): alice",
+            {"count": "1", "names": "alice", "more": None},
+        ),
+        (
+            {"count": 5000, "names": "a, b, c", "more": " (and 4997 more)"},
+            "Online (5000): a, b, c (and 4997 more)",
+            {"count": "5000", "names": "a, b, c", "more": "4997"},
+        ),
+    ],
+)
+def test_the_member_list_may_be_cut_short(fields, text, parsed):
+    # A long list is cut short to fit CLIENT_MAX_LINE; the count is everyone.
+    assert format_notice("members", **fields) == text
+    assert parse_notice(text) == ("members", parsed)
 
 
 def test_every_notice_is_covered():

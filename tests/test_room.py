@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatlib.protocol import COMMANDS, parse_notice, parse_server_line
-from chatlib.room import Limits, State
+from chatlib.protocol import CLIENT_MAX_LINE, COMMANDS, parse_notice, parse_server_line
+from chatlib.room import LIFECYCLE, LINGER, Limits, Room, State
 from tests.helpers import RoomDriver
 
 NO_FLOOD = {"rate": 0}
@@ -252,8 +252,8 @@ def test_quit_says_bye_and_closes(trio, driver, line):
     driver.say(alice, line, "after quit")
     assert driver.take(alice) == ["*** Bye, alice!"]
     assert driver.take(bob) == ["*** alice left."]
-    assert alice.state is State.CLOSING
-    assert driver.closed[alice] is State.CLOSING
+    assert alice.state is State.DRAINING
+    assert driver.ended[alice] == "our side ended"
     assert driver.room.members == ["bob", "carol"]
 
 
@@ -347,7 +347,7 @@ def test_any_bytes_in_give_clean_utf8_out(chunks):
     for chunk in chunks:
         driver.send(sender, chunk)  # RoomDriver checks every line sent out
     driver.eof(sender)
-    assert sender.state is State.CLOSING
+    assert driver.ended[sender] == "closed"  # both sides ended cleanly
     assert ("left", {"name": sender.name}) in notices(driver.take(other))
 
 
@@ -362,7 +362,7 @@ def test_a_client_over_its_send_queue_is_dropped():
         sent += 1
         assert sent < 20, "the sleeper was never dropped"
     assert sleeper.state is State.CLOSED
-    assert driver.closed[sleeper] is State.CLOSED
+    assert driver.ended[sleeper] == "cut off"
     assert sleeper.data_to_send() == b""  # its queue was freed
     assert driver.room.members == ["guest1", "guest3"]
     lines = driver.take(reader)
@@ -392,7 +392,7 @@ def test_a_burst_passes_then_lines_are_delayed_not_lost():
     assert driver.take(flooder)[-1] == (
         "*** Slow down: over 2 lines a second, your lines are delayed."
     )
-    assert flooder.resume_at == pytest.approx(0.5)
+    assert flooder.deadline == pytest.approx(0.5)
 
     # Someone else is not held up by the flooder.
     driver.say(other, "unaffected")
@@ -400,10 +400,10 @@ def test_a_burst_passes_then_lines_are_delayed_not_lost():
 
     # One line every 1/rate seconds from now on, none lost, in order.
     for i in range(3, 6):
-        driver.now = flooder.resume_at
-        driver.resume(flooder)
+        driver.now = flooder.deadline
+        driver.deadline_reached(flooder)
         assert driver.take(other) == [f"<guest1> line {i}"]
-    assert flooder.resume_at is None
+    assert flooder.deadline is None
     assert driver.take(flooder) == ["<guest2> unaffected"] + [
         f"<guest1> line {i}" for i in range(3, 6)
     ]
@@ -414,13 +414,13 @@ def test_resuming_early_delays_again():
     flooder, other = driver.connect(), driver.connect()
     driver.say(flooder, "a", "b")
     driver.take_all()
-    assert flooder.resume_at == pytest.approx(0.25)
+    assert flooder.deadline == pytest.approx(0.25)
     driver.now = 0.1
-    driver.resume(flooder)
+    driver.deadline_reached(flooder)
     assert driver.take(other) == []
-    assert flooder.resume_at == pytest.approx(0.25)
+    assert flooder.deadline == pytest.approx(0.25)
     driver.now = 0.25
-    driver.resume(flooder)
+    driver.deadline_reached(flooder)
     assert driver.take(other) == ["<guest1> b"]
 
 
@@ -432,9 +432,9 @@ def test_the_budget_refills_at_the_rate_up_to_the_burst():
     driver.take_all()
     driver.say(flooder, "d", "e", "f")
     assert len(driver.take(other)) == 2
-    assert flooder.resume_at == pytest.approx(1.5)
+    assert flooder.deadline == pytest.approx(1.5)
     driver.now = 100.0  # a long pause refills only up to the burst: f, g and h
-    driver.resume(flooder)
+    driver.deadline_reached(flooder)
     driver.say(flooder, *"ghijk")
     assert driver.take(other) == [f"<guest1> {c}" for c in "fgh"]
 
@@ -444,9 +444,9 @@ def test_the_slow_down_notice_is_sent_once_per_flood():
     flooder = driver.connect()
     driver.take(flooder)
     driver.say(flooder, *"abcde")
-    while flooder.resume_at is not None:
-        driver.now = flooder.resume_at
-        driver.resume(flooder)
+    while flooder.deadline is not None:
+        driver.now = flooder.deadline
+        driver.deadline_reached(flooder)
     lines = driver.take(flooder)
     assert sum(line.startswith("*** Slow down") for line in lines) == 1
     assert [line for line in lines if line.startswith("<")] == [f"<guest1> {c}" for c in "abcde"]
@@ -458,7 +458,7 @@ def test_rate_zero_turns_flood_control_off():
     driver.take_all()
     driver.say(flooder, *[str(i) for i in range(500)])
     assert len(driver.take(other)) == 500
-    assert flooder.resume_at is None
+    assert flooder.deadline is None
     assert not any(line.startswith("*** Slow down") for line in driver.take(flooder))
 
 
@@ -468,7 +468,7 @@ def test_default_limits_throttle_after_a_burst_of_ten():
     driver.take_all()
     driver.say(flooder, *[str(i) for i in range(12)])
     assert len(driver.take(other)) == 10
-    assert flooder.resume_at == pytest.approx(0.5)
+    assert flooder.deadline == pytest.approx(0.5)
 
 
 # --- End of stream, lost connections, full room, shutdown -------------------------
@@ -482,7 +482,7 @@ def test_eof_delivers_the_final_line_then_closes(trio, driver):
     driver.eof(alice)
     assert driver.take(bob) == ["<alice> last words", "*** alice left."]
     assert driver.take(alice) == ["<alice> last words"]
-    assert alice.state is State.CLOSING
+    assert driver.ended[alice] == "closed"
     assert driver.room.members == ["bob", "carol"]
 
 
@@ -493,16 +493,16 @@ def test_eof_while_throttled_keeps_the_lines():
     driver.send(flooder, "one\ntwo\nthree")
     driver.eof(flooder)
     assert flooder.state is State.OPEN  # still owes lines: the engine calls resume()
-    while flooder.resume_at is not None:
-        driver.now = flooder.resume_at
-        driver.resume(flooder)
+    while flooder.deadline is not None:
+        driver.now = flooder.deadline
+        driver.deadline_reached(flooder)
     assert driver.take(other) == [
         "<guest1> one",
         "<guest1> two",
         "<guest1> three",
         "*** guest1 left.",
     ]
-    assert flooder.state is State.CLOSING
+    assert driver.ended[flooder] == "closed"
 
 
 def test_a_final_line_over_the_limit_is_not_relayed_at_eof():
@@ -520,7 +520,7 @@ def test_a_full_room_turns_the_next_client_away():
     first, second = driver.connect(), driver.connect()
     driver.take_all()
     extra = driver.connect()
-    assert extra.state is State.CLOSING
+    assert driver.ended[extra] == "our side ended"
     assert driver.take(extra) == ["*** Sorry, the server is full (2 clients)."]
     assert driver.take(first) == [] and driver.take(second) == []
     assert driver.room.members == ["guest1", "guest2"]
@@ -538,7 +538,7 @@ def test_a_full_room_turns_the_next_client_away():
 def test_shut_down_says_bye_to_everyone(trio, driver):
     driver.shut_down()
     assert driver.take_all() == {conn: [BYE_ALL] for conn in trio}
-    assert all(conn.state is State.CLOSING for conn in trio)
+    assert all(driver.ended[conn] == "our side ended" for conn in trio)
     assert driver.room.members == []
 
 
@@ -565,3 +565,129 @@ def test_take_ready_returns_each_connection_once(trio, driver):
 def test_useless_limits_are_refused(limits, complaint):
     with pytest.raises(ValueError, match=re.escape(complaint)):
         Limits(**limits)
+
+
+# --- The lifecycle: drops that never re-enter, deadlines, the way out ----------------
+
+
+def test_a_goodbye_that_overflows_a_send_queue_at_shutdown_drops_that_client_only():
+    # Fault: shut_down() raised KeyError when the goodbye pushed a member past --sendq.
+    driver = RoomDriver(sendq=550, **NO_FLOOD)
+    reader, sleeper = driver.connect(), driver.connect()
+    driver.stalled.add(sleeper)
+    driver.say(reader, "x" * 200)  # the sleeper takes this backlog and sends none of it
+    driver.say(reader, "y" * 300)  # queued behind it: 520 bytes of 550; the goodbye is 38
+    assert sleeper.state is State.OPEN
+    driver.shut_down()
+    assert driver.ended[sleeper] == "cut off"
+    assert driver.ended[reader] == "our side ended"
+    assert driver.take(reader)[-1] == BYE_ALL
+    assert driver.room.members == []
+
+
+def test_hundreds_of_clients_dropped_at_once_do_not_recurse():
+    # Fault: each drop told the others inside the fan-out that caused it, one level of
+    # recursion per dropped client; about 350 raised RecursionError.
+    count = 600  # about 350 were enough to raise RecursionError
+    driver = RoomDriver(sendq=2000, max_clients=count + 1, **NO_FLOOD)
+    sleepers = [driver.connect() for _ in range(count)]
+    driver.stalled.update(sleepers)
+    talker = driver.connect()
+    while any(conn.state is State.OPEN for conn in sleepers):
+        driver.say(talker, "x" * 500)
+    assert all(driver.ended[conn] == "cut off" for conn in sleepers)
+    assert driver.room.members == [talker.name]
+    assert talker.state is State.OPEN
+    lefts = [line for line in driver.take(talker) if line.endswith("(send queue exceeded).")]
+    assert len(lefts) == count  # told once about each
+
+
+@pytest.mark.parametrize(("extra", "dropped"), [(0, False), (1, True)])
+def test_the_send_queue_keeps_exactly_sendq_bytes(extra, dropped):
+    driver = RoomDriver(sendq=1000, **NO_FLOOD)
+    sender, sleeper = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.stalled.add(sleeper)
+    driver.say(sender, "x" * 91)  # "<guest1> " and "\n" make it 101 bytes, all unsent
+    assert len(driver.unsent[sleeper]) == 101
+    for _ in range(8):
+        driver.say(sender, "y" * 90)  # 100 bytes each, queued in the room
+    driver.say(sender, "z" * (89 + extra))  # 1,000 bytes in all, or 1,001
+    assert (sleeper.state is State.CLOSED) is dropped
+
+
+def test_one_turn_fanning_out_more_than_sendq_keeps_clients_that_read():
+    # Fault: one 64 KiB read of 900-byte lines was queued to everyone before anything was
+    # written, so with --sendq 65536 even prompt readers were dropped.
+    driver = RoomDriver(sendq=65536, max_line=1024, **NO_FLOOD)
+    sender, reader = driver.connect(), driver.connect()
+    driver.take_all()
+    driver.send(sender, ("z" * 900 + "\n") * 72)  # one read's worth
+    assert reader.state is State.OPEN
+    assert len(driver.take(reader)) == 72
+
+
+def test_a_leaving_client_has_linger_seconds_then_is_cut_off(trio, driver):
+    alice, bob, _ = trio
+    driver.stalled.add(alice)
+    driver.now = 5.0
+    driver.say(alice, "/quit")
+    assert alice.state is State.CLOSING  # its goodbye is not written yet
+    assert alice.deadline == pytest.approx(5.0 + LINGER)
+    driver.now = 5.0 + LINGER / 2
+    driver.deadline_reached(alice)  # early: nothing happens
+    assert alice.state is State.CLOSING
+    driver.now = 5.0 + LINGER
+    driver.deadline_reached(alice)
+    assert driver.ended[alice] == "cut off"
+    assert driver.take(bob) == ["*** alice left."]
+
+
+def test_a_leaving_client_that_ends_its_side_is_closed_cleanly(trio, driver):
+    alice, _, _ = trio
+    driver.say(alice, "/quit")
+    assert alice.state is State.DRAINING
+    assert alice.reading  # what it still sends is read and dropped
+    driver.send(alice, "ignored\n")
+    driver.eof(alice)
+    assert driver.ended[alice] == "closed"
+    assert not alice.cut_off
+
+
+def test_a_throttled_client_is_not_read_until_its_deadline():
+    driver = RoomDriver(rate=1, burst=1)
+    flooder = driver.connect()
+    driver.say(flooder, "a", "b")
+    assert not flooder.reading
+    driver.now = flooder.deadline
+    driver.deadline_reached(flooder)
+    assert flooder.reading
+
+
+def test_every_change_of_state_follows_the_lifecycle_table():
+    assert set(LIFECYCLE) == set(State)
+    reachable = {State.OPEN}
+    for targets in LIFECYCLE.values():
+        reachable.update(targets.values())
+    assert reachable == set(State)
+    assert LIFECYCLE[State.CLOSED] == {}, "CLOSED is the end"
+
+
+def test_a_huge_member_list_is_cut_short_to_what_clients_accept():
+    # Fault: past about 1,900 members the list outgrew chatlib's own clients' 64 KiB limit.
+    count = 2100
+    room = Room(Limits(max_clients=count, **NO_FLOOD))
+    for i in range(count):  # straight into the room: a driver would decode every join
+        conn = room.connect(None, 0.0)
+        room.receive_data(conn, f"/nick {'n' * 27}{i:05}\n".encode(), 0.0)
+    room.take_ready()
+    conn.data_to_send()
+    room.receive_data(conn, b"/who\n", 0.0)
+    line = conn.data_to_send()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert len(line) <= CLIENT_MAX_LINE
+    event, fields = parse_notice(parse_server_line(line[:-1].decode()).text)
+    assert event == "members" and fields["count"] == str(count)
+    shown = fields["names"].split(", ")
+    assert shown == room.members[: len(shown)]
+    assert int(fields["more"]) == count - len(shown) > 0

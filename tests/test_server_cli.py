@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import signal
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from chatlib.server import ENGINES
-from tests.helpers import TIMEOUT, LineClient
+from chatlib.server import ENGINES, LOG_FLUSH_TIMEOUT, LOG_QUEUE_LINES
+from tests.helpers import TIMEOUT, LineClient, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"\[LISTENING\] Server is listening on 127\.0\.0\.1:(\d+)")
@@ -204,3 +205,120 @@ def test_a_useless_limit_is_one_clear_error():
         "error: sendq (10) must be at least max-line (512)"
     )
     assert "Traceback" not in proc.stderr
+
+
+# --- An unread stdout (issue: the log blocks the loops) ----------------------
+
+#: Connections to open and close against an unread stdout. Each logs two lines of about
+#: 50 bytes, so 2000 give some 200 KB: more than a 64 KiB pipe plus the log's queue hold.
+CHURN = 2000
+DROPPED = re.compile(r"\[LOG\] (\d+) log lines? dropped: the output was not being read\.")
+
+
+def _free_port() -> int:
+    # The test must not read the server's stdout, so it cannot learn the port from the
+    # [LISTENING] line: it picks a free one and passes it as --port.
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def _start_unread(engine: str) -> tuple[subprocess.Popen, int]:
+    """Start the server with a stdout nobody reads (yet); return it once it accepts."""
+    port = _free_port()
+    # Buffered, as in a shell: a log written through sys.stdout's buffer from a thread
+    # blocked on the pipe made the interpreter abort at exit.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlib.server", "--engine", engine, "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def accepts() -> bool:
+        assert proc.poll() is None, f"the server exited with status {proc.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    wait_until(accepts, timeout=3 * TIMEOUT, what="the server to accept connections")
+    return proc, port
+
+
+def _churn(port: int) -> None:
+    """Open and close CHURN connections: each logs [NEW CONNECTION] and [DISCONNECTED]."""
+    # A line is at least 40 bytes, so a 64 KiB pipe holds at most 65536 // 40 of them.
+    assert 2 * CHURN > 65536 // 40 + LOG_QUEUE_LINES, "too few lines to fill pipe and queue"
+    for count in range(CHURN):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                # Wait for the welcome to start: connecting faster than the server accepts
+                # would overflow the kernel's accept queue, and a dropped SYN retries after 1 s.
+                assert sock.recv(1) == b"*"
+        except TimeoutError:
+            raise AssertionError(f"the server stopped serving after {count} connections") from None
+
+
+@pytest.fixture
+def unread_server():
+    """Return a function that starts a server whose stdout is not read; killed at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(engine: str) -> tuple[subprocess.Popen, int]:
+        proc, port = _start_unread(engine)
+        started.append(proc)
+        return proc, port
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_unread_stdout_never_stops_the_server(unread_server, engine):
+    proc, port = unread_server(engine)
+    _churn(port)
+    client = LineClient(("127.0.0.1", port))
+    try:
+        assert client.welcome().startswith("guest")
+    finally:
+        client.close()
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    # Reading from now on lets the log catch up: it says how much it lost, then exits.
+    stdout, stderr = proc.communicate(timeout=3 * TIMEOUT)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, stderr
+    assert stderr == ""
+    # stop() has 2 s, and writing out the queued lines takes far less.
+    assert elapsed < 3.0, f"took {elapsed:.2f} s to exit"
+    lines = stdout.splitlines()
+    dropped = [int(match[1]) for match in map(DROPPED.fullmatch, lines) if match]
+    assert dropped and all(count > 0 for count in dropped), lines[-5:]
+    written = sum(line.startswith(("[NEW CONNECTION]", "[DISCONNECTED]")) for line in lines)
+    # Every line was either written or counted, and the queue stayed bounded: what was
+    # written is what the pipe and the queue held when the test began to read.
+    assert written + sum(dropped) >= 2 * CHURN
+    assert written <= 65536 // 40 + LOG_QUEUE_LINES
+
+
+@pytest.mark.timeout(60)
+def test_exiting_does_not_wait_for_an_unread_stdout(unread_server):
+    proc, port = unread_server("threads")  # the log is the same whatever the engine
+    _churn(port)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(3 * TIMEOUT)
+    elapsed = time.monotonic() - started
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert status == 0, stderr
+    assert stderr == ""
+    # stop() has 2 s, the log waits LOG_FLUSH_TIMEOUT for a reader; allow for a busy machine.
+    assert elapsed < 2.0 + LOG_FLUSH_TIMEOUT + 1.0, f"took {elapsed:.2f} s to exit"

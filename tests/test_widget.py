@@ -10,6 +10,7 @@ thread or a socket behind, or lets an exception escape a thread.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ import pytest
 widgets = pytest.importorskip("ipywidgets")
 
 from chatlib import widget as widget_module  # noqa: E402
-from chatlib.protocol import ServerLine  # noqa: E402
+from chatlib.protocol import CLIENT_MAX_LINE, ServerLine, format_notice  # noqa: E402
 from chatlib.room import Limits  # noqa: E402
 from chatlib.server import create_server  # noqa: E402
 from chatlib.widget import ChatPanel  # noqa: E402
@@ -74,6 +75,66 @@ def bob(make_panel, alice) -> ChatPanel:
     bob = make_panel("bob")
     alice.wait_for(text_is("guest2 is now known as bob."))
     return bob
+
+
+class ScriptedServer:
+    """A one-client server whose lines the test writes, recording what the client sends.
+
+    It welcomes the client as ``guest1`` at once (a panel waits for that),
+    then sends whatever :meth:`send` is given, and closes when the client
+    says ``/quit``, as the room does.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(TIMEOUT)
+        self.port = self._listener.getsockname()[1]
+        #: Every line the client sent, in order.
+        self.heard: list[str] = []
+        self._conn: socket.socket | None = None
+        self._accepted = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="ScriptedServer", daemon=True)
+        self._thread.start()
+
+    def send(self, *lines: str) -> None:
+        """Send each of *lines* to the client, as notices or messages are written."""
+        assert self._accepted.wait(TIMEOUT), "no client connected"
+        self._conn.sendall(b"".join(line.encode() + b"\n" for line in lines))
+
+    def close(self) -> None:
+        """Disconnect the client if it has not left, and end the server's thread."""
+        if self._conn is not None:
+            with contextlib.suppress(OSError):  # gone already
+                self._conn.shutdown(socket.SHUT_RDWR)  # wakes the thread's recv()
+        self._thread.join(TIMEOUT)
+        self._listener.close()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            self._conn = conn
+            self._accepted.set()
+            conn.sendall(f"*** {format_notice('welcome', name='guest1')}\n".encode())
+            received = b""
+            while "/quit" not in self.heard and (data := conn.recv(4096)):
+                received += data
+                *lines, rest = received.split(b"\n")
+                self.heard += [line.decode() for line in lines]
+                received = rest
+
+
+@pytest.fixture
+def scripted(health) -> Iterator[tuple[ScriptedServer, ChatPanel]]:
+    """A :class:`ScriptedServer` and a panel connected to it, both closed at teardown."""
+    server = ScriptedServer()
+    try:
+        panel = ChatPanel("127.0.0.1", server.port, timeout=TIMEOUT)
+        try:
+            yield server, panel
+        finally:
+            panel.close()
+    finally:
+        server.close()
 
 
 def say_and_sync(sender: ChatPanel, *readers: ChatPanel) -> None:
@@ -227,6 +288,42 @@ def test_members_follow_joins_renames_and_leaves(alice, bob, make_panel):
     assert alice.members == ["alice", "robert"]
     assert "Online (2)" in alice.members_view.value
     assert carol.members == []
+
+
+def test_a_member_list_cut_short_still_counts_everyone(scripted):
+    server, panel = scripted
+    # What the room sends in a big room: the names that fit on one line.
+    server.send("*** Online (5000): a, b, c (and 4997 more)")
+    panel.wait_for(text_is("Online (5000): a, b, c (and 4997 more)"))
+    assert "Online (5000)" in panel.members_view.value
+    assert "and 4997 more" in panel.members_view.value
+    assert panel.members == ["a", "b", "c"]
+    assert panel.member_count == 5000
+
+    server.send(
+        "*** zed left.",  # one of those the list left out
+        "*** ghost is now known as spook.",  # another
+        "*** a left.",
+        "*** dan joined.",
+        "*** the end",
+    )
+    panel.wait_for(text_is("the end"))
+    assert panel.members == ["b", "c", "dan"]
+    assert panel.member_count == 4999
+    assert "Online (4999)" in panel.members_view.value
+    assert "and 4996 more" in panel.members_view.value
+    panel.close()
+    # Names it was never given are no sign of a missed notice: no /who.
+    assert server.heard == ["/quit"]
+
+
+def test_a_line_of_client_max_line_bytes_is_shown_and_a_longer_one_dropped(scripted):
+    server, panel = scripted
+    longest = "<bob> " + "x" * (CLIENT_MAX_LINE - len("<bob> "))
+    server.send(longest, longest + "x", "*** the end")
+    panel.wait_for(text_is("the end"))
+    texts = [received.line.text for received in panel.messages]
+    assert texts[-2:] == [longest.removeprefix("<bob> "), "the end"]
 
 
 def test_an_out_of_step_member_list_asks_the_server(alice, bob):

@@ -27,13 +27,19 @@ one of its own, in a thread (:meth:`~ChatServer.serve_forever`, or the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from types import TracebackType
+from typing import Any
 
-from chatlib.engines.base import LINGER, ServerBase, set_nodelay
+from chatlib.engines.base import (
+    ACCEPT_RETRY_DELAY,
+    ServerBase,
+    out_of_resources,
+    reset_on_close,
+    set_nodelay,
+)
 from chatlib.protocol import READ_SIZE
-from chatlib.room import Connection, State
+from chatlib.room import LINGER, Connection, State
 
 __all__ = ["ChatServer"]
 
@@ -46,7 +52,7 @@ class _Client(asyncio.BufferedProtocol):
     every client reads into one buffer the server owns.
     """
 
-    __slots__ = ("closing", "conn", "eof", "server", "transport", "writing_paused")
+    __slots__ = ("conn", "reading", "server", "timer", "transport", "writing_paused")
 
     def __init__(self, server: ChatServer) -> None:
         self.server = server
@@ -54,10 +60,10 @@ class _Client(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         #: Set while the transport holds bytes the kernel has not taken.
         self.writing_paused = False
-        #: Whether the client has closed its sending side.
-        self.eof = False
-        #: Whether we have sent the goodbye and closed our sending side.
-        self.closing = False
+        #: Whether the transport is reading (asyncio starts it reading).
+        self.reading = True
+        #: The timer set for the connection's deadline, if any.
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -70,7 +76,6 @@ class _Client(asyncio.BufferedProtocol):
         self.server._read(self.conn, self, nbytes)
 
     def eof_received(self) -> bool:
-        self.eof = True
         self.server._read(self.conn, self, 0)
         return True  # keep the transport open: the client may read the goodbye
 
@@ -79,10 +84,14 @@ class _Client(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self.server._write(self.conn, self)
+        if self.conn.state is not State.CLOSED:
+            self.server._act_on(self.conn, self)  # the room has no news of this
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server._finish(self.conn, self)
+        if self.conn is not None and self.conn.state is not State.CLOSED:
+            # A reset, or a failed write: the room decides what follows.
+            self.server.room.connection_lost(self.conn)
+            self.server._act_on_ready_soon()
 
 
 class ChatServer(ServerBase):
@@ -119,6 +128,8 @@ class ChatServer(ServerBase):
         self._shutdown: asyncio.Task | None = None
         self._closed: asyncio.Future | None = None
         self._all_gone: asyncio.Future | None = None
+        self._previous_error_handler: Any = None
+        self._accept_error_logged_at = float("-inf")
 
     # --- Public methods -------------------------------------------------
 
@@ -169,6 +180,8 @@ class ChatServer(ServerBase):
             self._loop = loop
             self._loop_thread = threading.get_ident()
         self._closed = loop.create_future()
+        self._previous_error_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._handle_loop_error)
         self._server = await loop.create_server(
             lambda: _Client(self), sock=self._listener, start_serving=False
         )
@@ -216,7 +229,7 @@ class ChatServer(ServerBase):
         # the selectors engine keeps its "unsent" bytes: a slow client's
         # backlog then waits in the room, which enforces the send queue.
         transport.set_write_buffer_limits(high=0)
-        conn = self.room.connect(peer[:2])
+        conn = self.room.connect(peer[:2], self._loop.time())
         client.conn = conn
         self._clients[conn] = client
         self._act_on_ready_soon()
@@ -224,11 +237,6 @@ class ChatServer(ServerBase):
 
     def _read(self, conn: Connection, client: _Client, size: int) -> None:
         """Feed the room what the transport has read (0 bytes: the end)."""
-        if client.closing:
-            # It has had its goodbye: drop what it still sends until it ends.
-            if not size:
-                client.transport.close()
-            return
         # The loop's clock is time.monotonic(), like the other engines'; the
         # room and call_at() must use the same one.
         now = self._loop.time()
@@ -236,25 +244,7 @@ class ChatServer(ServerBase):
             self.room.receive_data(conn, bytes(self._read_buffer[:size]), now)
         else:
             self.room.receive_eof(conn, now)
-        self._wait_while_throttled(conn, client)
         self._act_on_ready_soon()
-
-    def _wait_while_throttled(self, conn: Connection, client: _Client) -> None:
-        # The loop cannot sleep for one client: stop reading from it and set
-        # a timer. Everyone else is served meanwhile, and TCP pushes back on
-        # the flooder.
-        if conn.resume_at is not None:
-            client.transport.pause_reading()
-            self._loop.call_at(conn.resume_at, self._resume, conn, client)
-
-    def _resume(self, conn: Connection, client: _Client) -> None:
-        """Go on with a throttled client's lines; its timer is due."""
-        if conn.state is State.OPEN:  # it may be leaving, or gone, by now
-            self.room.resume(conn, self._loop.time())
-            self._wait_while_throttled(conn, client)
-            if conn.resume_at is None and conn.state is State.OPEN and not client.eof:
-                client.transport.resume_reading()
-            self._act_on_ready_soon()
 
     def _write(self, conn: Connection, client: _Client) -> None:
         """Hand the client's backlog to its transport in one ``write()``.
@@ -267,51 +257,74 @@ class ChatServer(ServerBase):
             # One write, and never writelines(): from Python 3.12.0 until
             # 3.12.9 and 3.13.2 it ignored flow control (CVE-2024-12254).
             client.transport.write(data)
-        if conn.state is State.CLOSING:
-            self._close_gracefully(client)
+        self.room.data_unsent(conn, client.transport.get_write_buffer_size())
 
-    def _close_gracefully(self, client: _Client) -> None:
-        """End a connection whose goodbye is written, without a reset.
-
-        Closing a socket with input still unread makes the kernel send a
-        reset, which can destroy the goodbye before the client has read it
-        (Windows drops unread data on a reset). So send our end of the
-        stream, read and drop what the client still sends, and close at its
-        end of stream, or when the timer set in _act_on_ready() aborts.
-        """
-        if client.eof:
-            client.transport.close()  # once everything it holds is sent
+    def _end_our_side(self, conn: Connection, client: _Client) -> None:
+        """Send our end of the stream after the goodbye; the client reads it all first."""
+        try:
+            client.transport.write_eof()
+        except OSError:
+            # With nothing buffered, write_eof() calls shutdown() at once,
+            # which raises ENOTCONN once the peer has reset the connection.
+            self.room.connection_lost(conn)
             return
-        client.transport.write_eof()  # also after everything it holds
-        client.closing = True
-        client.transport.resume_reading()  # in case flood control paused it
+        self.room.eof_sent(conn)
 
-    def _finish(self, conn: Connection | None, client: _Client) -> None:
-        """Forget the client; asyncio has closed its transport."""
-        if conn is None:
-            return  # turned away by _accept()
+    def _finish(self, conn: Connection, client: _Client) -> None:
+        """Close a ``CLOSED`` connection's transport and forget it."""
         del self._clients[conn]
-        self.room.connection_lost(conn)
-        self._act_on_ready_soon()
+        if client.timer is not None:
+            client.timer.cancel()
+        if conn.cut_off:
+            reset_on_close(client.transport.get_extra_info("socket"))
+            client.transport.abort()
+        else:
+            client.transport.close()
         self._log_disconnected(conn.peer)
         if not self._clients and self._all_gone is not None and not self._all_gone.done():
             self._all_gone.set_result(None)
 
     def _act_on_ready(self) -> None:
-        """Write to every client the room has news for; close the dropped ones."""
+        """Carry out what the room decided for every connection with news."""
         self._act_scheduled = False
-        for conn in self.room.take_ready():
-            client = self._clients[conn]
-            if conn.state is State.CLOSED:
-                client.transport.abort()  # connection_lost() follows
-                continue
-            if conn.state is State.CLOSING:
-                # A leaving client gets LINGER seconds to read its goodbye
-                # and end its side (see _close_gracefully), not forever.
-                self._loop.call_later(LINGER, client.transport.abort)
-            if not client.writing_paused:
-                self._write(conn, client)
-            # Otherwise _write takes the backlog once the transport drains.
+        # Acting on one connection may give news to others (closing one
+        # tells the rest): go on until there is none.
+        while ready := self.room.take_ready():
+            for conn in ready:
+                client = self._clients.get(conn)
+                if client is not None:  # None: finished earlier in this batch
+                    self._act_on(conn, client)
+
+    def _act_on(self, conn: Connection, client: _Client) -> None:
+        """Do what the connection's state asks for (see ``chatlib.room.LIFECYCLE``)."""
+        if conn.state is not State.CLOSED and client.transport.is_closing():
+            self.room.connection_lost(conn)  # a write failed; connection_lost() is on its way
+        if conn.state is not State.CLOSED and not client.writing_paused:
+            self._write(conn, client)
+        # Otherwise resume_writing() brings us back once the transport drains.
+        if conn.state is State.CLOSING and not client.writing_paused:
+            self._end_our_side(conn, client)
+        if conn.state is State.CLOSED:
+            self._finish(conn, client)
+            return
+        if conn.deadline is not None and (
+            client.timer is None or client.timer.when() != conn.deadline
+        ):
+            if client.timer is not None:
+                client.timer.cancel()
+            client.timer = self._loop.call_at(conn.deadline, self._deadline_reached, conn, client)
+        if conn.reading != client.reading:
+            client.reading = conn.reading
+            if client.reading:
+                client.transport.resume_reading()
+            else:
+                client.transport.pause_reading()
+
+    def _deadline_reached(self, conn: Connection, client: _Client) -> None:
+        client.timer = None
+        if conn in self._clients:  # the room ignores deadlines that have moved
+            self.room.deadline_reached(conn, self._loop.time())
+            self._act_on_ready_soon()
 
     def _act_on_ready_soon(self) -> None:
         # Once per turn of the loop, after every callback of the turn: a
@@ -324,6 +337,25 @@ class ChatServer(ServerBase):
         if self._shutdown is None:
             self._shutdown = self._loop.create_task(self._shut_down())
 
+    def _handle_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Log a failed accept() once per pause, and pass anything else on.
+
+        Out of file descriptors, asyncio's accept loop reports every failed
+        try of a burst, each with a traceback: thousands a second. It
+        pauses accepting for a second as the other engines do; one line
+        per pause says so.
+        """
+        error = context.get("exception")
+        if isinstance(error, OSError) and out_of_resources(error) and "socket" in context:
+            now = loop.time()
+            if now >= self._accept_error_logged_at + ACCEPT_RETRY_DELAY:
+                self._accept_error_logged_at = now
+                self._log_accept_paused(error)
+        elif self._previous_error_handler is not None:
+            self._previous_error_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
     # --- Life cycle on the loop -------------------------------------------
 
     async def _serve_until_stopped(self) -> None:
@@ -332,18 +364,23 @@ class ChatServer(ServerBase):
             await self._closed
 
     async def _shut_down(self) -> None:
-        """Stop accepting, say goodbye, give the clients LINGER seconds to read it."""
-        self._server.close()
-        self.room.shut_down()
-        self._act_on_ready()
-        if self._clients:
-            self._all_gone = self._loop.create_future()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._all_gone, LINGER)
-        # Whoever is left has not read its goodbye in time: cut them off.
-        for client in list(self._clients.values()):
-            client.transport.abort()
-        await asyncio.sleep(0)  # abort() calls connection_lost() on the next turn
-        await self._server.wait_closed()
-        self._stopped.set()
-        self._closed.set_result(None)
+        """Stop accepting, say goodbye; every leaving client is gone within LINGER."""
+        try:
+            self._server.close()
+            self.room.shut_down(self._loop.time())
+            self._act_on_ready()
+            if self._clients:
+                self._all_gone = self._loop.create_future()
+                # Every client has a deadline of LINGER; the margin is for a
+                # loop that runs late on a loaded machine.
+                await asyncio.wait([self._all_gone], timeout=2 * LINGER)
+            # Only if deadlines were missed: nobody must be left holding a socket.
+            for conn, client in list(self._clients.items()):
+                self.room.connection_lost(conn)
+                self._finish(conn, client)
+            await asyncio.sleep(0)  # abort() calls connection_lost() on the next turn
+            await self._server.wait_closed()
+        finally:
+            self._loop.set_exception_handler(self._previous_error_handler)
+            self._stopped.set()
+            self._closed.set_result(None)

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 import threading
 from types import TracebackType
 
@@ -21,11 +22,12 @@ from chatlib.room import Limits, Room
 
 __all__ = [
     "ACCEPT_RETRY_DELAY",
-    "LINGER",
+    "NO_SIGNAL",
     "ServerBase",
     "create_listener",
     "log",
     "out_of_resources",
+    "reset_on_close",
     "set_nodelay",
 ]
 
@@ -38,9 +40,13 @@ log = logging.getLogger("chatlib.server")
 #: socketserver default of 5 drops clients that arrive in a burst.
 BACKLOG = 1024
 
-#: How long a leaving client may take to read its last lines (its goodbye)
-#: and close its side before the engine cuts it off; stop() waits as long.
-LINGER = 1.0
+#: Flags for every send(): a send to a peer that has reset the connection
+#: raises EPIPE instead of killing the process with SIGPIPE. Python ignores
+#: SIGPIPE, but an application embedding the server may not. Linux has the
+#: flag; elsewhere it is 0 and Python's default keeps the process safe.
+NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, with a zero timeout
 
 #: How long to stop accepting once the process is out of file descriptors
 #: or memory; asyncio waits as long. The client waits in the backlog.
@@ -69,6 +75,18 @@ def set_nodelay(sock: socket.socket) -> None:
     """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make closing *sock* send a reset: for a client that is cut off.
+
+    A plain close() of a socket with unsent bytes leaves the kernel trying
+    to deliver them, for minutes, to a client that may never read. With
+    ``SO_LINGER`` set to zero, close() sends a reset instead and frees
+    everything at once.
+    """
+    with contextlib.suppress(OSError):  # the peer may be gone already
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
 
 
 def out_of_resources(error: OSError) -> bool:

@@ -10,7 +10,7 @@ lines arrived for it during the turn.
 Whatever the kernel does not take stays in the client's ``unsent`` buffer
 until its socket is writable again, and nothing more is taken from the room
 meanwhile: a client that stops reading makes its backlog grow in the room,
-which drops it once the backlog passes the send-queue limit.
+which drops it once the two together pass the send-queue limit.
 
 Only this thread calls the room, so the room needs no lock; in exchange,
 nothing here may block, or every client waits.
@@ -29,13 +29,14 @@ from collections.abc import Callable
 
 from chatlib.engines.base import (
     ACCEPT_RETRY_DELAY,
-    LINGER,
+    NO_SIGNAL,
     ServerBase,
     out_of_resources,
+    reset_on_close,
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
-from chatlib.room import Connection, State
+from chatlib.room import LINGER, Connection, State
 
 __all__ = ["ChatServer"]
 
@@ -45,7 +46,7 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 class _Client:
     """The socket of one connection, and what the kernel has not taken yet."""
 
-    __slots__ = ("closing", "eof", "events", "peer", "sock", "unsent")
+    __slots__ = ("events", "peer", "sock", "timer_at", "unsent")
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         self.sock = sock
@@ -54,10 +55,8 @@ class _Client:
         self.unsent: bytes | memoryview = b""
         #: What the selector watches this socket for; 0 when unregistered.
         self.events = 0
-        #: Whether the client has closed its sending side.
-        self.eof = False
-        #: Whether we have sent the goodbye and closed our sending side.
-        self.closing = False
+        #: The deadline a timer is set for, so that each is set once.
+        self.timer_at: float | None = None
 
 
 class ChatServer(ServerBase):
@@ -77,9 +76,9 @@ class ChatServer(ServerBase):
         self._listener.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._clients: dict[Connection, _Client] = {}
-        # (when, tie-breaker, callback, args), earliest first: flood control
-        # and lingering clients. The tie-breaker keeps heapq from ever
-        # comparing two callbacks.
+        # (when, tie-breaker, callback, args), earliest first: the room's
+        # deadlines and the accept retry. The tie-breaker keeps heapq from
+        # ever comparing two callbacks.
         self._timers: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._timer_ids = itertools.count()
         # stop() writes a byte to the first socket, which select() watches.
@@ -108,19 +107,20 @@ class ChatServer(ServerBase):
         try:
             while not self._stopping.is_set():
                 self._run_once(self._time_to_next_timer())
-            # Stop accepting, say goodbye, and give the clients LINGER
-            # seconds to read it; the loop goes on sending meanwhile.
+            # Stop accepting and say goodbye. Every leaving client has a
+            # deadline, so the loop ends within LINGER; it goes on sending
+            # and closing meanwhile.
             self._selector.unregister(self._wakeup)
             with contextlib.suppress(KeyError):  # not registered while paused
                 self._selector.unregister(self._listener)
-            self.room.shut_down()
+            self.room.shut_down(time.monotonic())
             self._act_on_ready()
-            deadline = time.monotonic() + LINGER
-            while self._clients and (left := deadline - time.monotonic()) > 0:
-                self._run_once(left)
+            while self._clients:
+                self._run_once(self._time_to_next_timer())
         finally:
-            # Whoever is left has not read its goodbye in time: cut them off.
+            # Only if the loop died: nobody must be left holding a socket.
             for conn, client in list(self._clients.items()):
+                self.room.connection_lost(conn)
                 self._finish(conn, client)
             self._close()
             self._stopped.set()
@@ -145,9 +145,8 @@ class ChatServer(ServerBase):
         set_nodelay(sock)
         sock.setblocking(False)
         client = _Client(sock, address[:2])
-        conn = self.room.connect(client.peer)
+        conn = self.room.connect(client.peer, time.monotonic())
         self._clients[conn] = client
-        self._watch(conn, client)
         self._log_connected(client.peer)
 
     def _read(self, conn: Connection, client: _Client) -> None:
@@ -157,34 +156,12 @@ class ChatServer(ServerBase):
         except BlockingIOError:
             return  # nothing after all; select() will tell us again
         except OSError:
-            self._finish(conn, client)  # reset by the peer
-            return
-        if client.closing:
-            # It has had its goodbye: drop what it still sends until it ends.
-            if not data:
-                self._finish(conn, client)
+            self.room.connection_lost(conn)  # reset by the peer
             return
         if data:
             self.room.receive_data(conn, data, time.monotonic())
         else:
-            client.eof = True
             self.room.receive_eof(conn, time.monotonic())
-        self._wait_while_throttled(conn, client)
-        self._watch(conn, client)
-
-    def _wait_while_throttled(self, conn: Connection, client: _Client) -> None:
-        # The loop cannot sleep for one client: stop watching its socket
-        # (see _watch) and set a timer. Everyone else is served meanwhile,
-        # and TCP pushes back on the flooder.
-        if conn.resume_at is not None:
-            self._call_at(conn.resume_at, self._resume, conn, client)
-
-    def _resume(self, conn: Connection, client: _Client) -> None:
-        """Go on with a throttled client's lines; its timer is due."""
-        if conn.state is State.OPEN:  # it may be leaving, or gone, by now
-            self.room.resume(conn, time.monotonic())
-            self._wait_while_throttled(conn, client)
-            self._watch(conn, client)
 
     def _write(self, conn: Connection, client: _Client) -> None:
         """Send the client its backlog, as much as the kernel takes now.
@@ -196,65 +173,61 @@ class ChatServer(ServerBase):
             if client.unsent:
                 client.unsent = _send_some(client.sock, client.unsent)
             if not client.unsent:
-                # Only now take more from the room: what waits there counts
-                # against the send queue, what waits here does not.
+                # Only now take more from the room, so that a client that
+                # does not read costs one backlog here at most.
                 client.unsent = _send_some(client.sock, conn.data_to_send())
         except OSError:
-            self._finish(conn, client)  # reset by the peer, or a broken pipe
+            self.room.connection_lost(conn)  # reset by the peer, or a broken pipe
             return
-        if conn.state is State.CLOSING and not client.unsent:
-            self._close_gracefully(conn, client)
-        else:
-            self._watch(conn, client)
+        self.room.data_unsent(conn, len(client.unsent))
 
-    def _close_gracefully(self, conn: Connection, client: _Client) -> None:
-        """End a connection whose goodbye is sent, without a reset.
-
-        Closing a socket with input still unread makes the kernel send a
-        reset, which can destroy the goodbye before the client has read it
-        (Windows drops unread data on a reset). So send our end of the
-        stream, read and drop what the client still sends, and close at its
-        end of stream, or when _give_up() says it is too late.
-        """
-        if client.eof:
-            self._finish(conn, client)
-            return
-        with contextlib.suppress(OSError):  # the peer may be gone already
+    def _end_our_side(self, conn: Connection, client: _Client) -> None:
+        """Send our end of the stream after the goodbye; the client reads it all first."""
+        try:
             client.sock.shutdown(socket.SHUT_WR)
-        client.closing = True
-        self._watch(conn, client)
+        except OSError:
+            self.room.connection_lost(conn)  # the peer is gone already
+            return
+        self.room.eof_sent(conn)
 
     def _finish(self, conn: Connection, client: _Client) -> None:
-        """Close the client's connection and tell the room."""
+        """Close a ``CLOSED`` connection's socket and forget it."""
         del self._clients[conn]
         if client.events:
             self._selector.unregister(client.sock)  # before close(): it needs the fd
+        if conn.cut_off:
+            reset_on_close(client.sock)
         client.sock.close()
-        self.room.connection_lost(conn)
         self._log_disconnected(client.peer)
 
     def _act_on_ready(self) -> None:
-        """Write to every client the room has news for; close the dropped ones."""
-        # Closing a connection makes the room tell the others: go on until
-        # it has nothing new, or their news would wait for the next event.
+        """Carry out what the room decided for every connection with news."""
+        # Acting on one connection may give news to others (closing one
+        # tells the rest): go on until there is none.
         while ready := self.room.take_ready():
             for conn in ready:
-                client = self._clients[conn]
-                if conn.state is State.CLOSED:
-                    self._finish(conn, client)
-                    continue
-                if conn.state is State.CLOSING:
-                    # A leaving client gets LINGER seconds to read its goodbye
-                    # and end its side (see _close_gracefully), not forever.
-                    self._call_at(time.monotonic() + LINGER, self._give_up, conn, client)
-                if not client.unsent:
-                    self._write(conn, client)
-                # Otherwise _write takes the backlog once the socket drains.
+                client = self._clients.get(conn)
+                if client is not None:  # None: finished earlier in this batch
+                    self._act_on(conn, client)
 
-    def _give_up(self, conn: Connection, client: _Client) -> None:
-        """Close a leaving client that has not read its last lines in time."""
-        if conn in self._clients:
+    def _act_on(self, conn: Connection, client: _Client) -> None:
+        """Do what the connection's state asks for (see ``chatlib.room.LIFECYCLE``)."""
+        if conn.state is not State.CLOSED and not client.unsent:
+            self._write(conn, client)
+        # Otherwise _write takes the backlog once the socket drains.
+        if conn.state is State.CLOSING and not client.unsent:
+            self._end_our_side(conn, client)
+        if conn.state is State.CLOSED:
             self._finish(conn, client)
+            return
+        if conn.deadline is not None and conn.deadline != client.timer_at:
+            client.timer_at = conn.deadline
+            self._call_at(conn.deadline, self._deadline_reached, conn, client)
+        self._watch(conn, client)
+
+    def _deadline_reached(self, conn: Connection, client: _Client) -> None:
+        if conn in self._clients:  # the room ignores deadlines that have moved
+            self.room.deadline_reached(conn, time.monotonic())
 
     def _wake_loop(self) -> None:
         # select() has no portable way to be interrupted from another
@@ -278,8 +251,9 @@ class ChatServer(ServerBase):
                 client = self._clients[conn]
                 if events & _READ:
                     self._read(conn, client)
-                if events & _WRITE and conn in self._clients:
+                if events & _WRITE and conn.state is not State.CLOSED:
                     self._write(conn, client)
+                    self._act_on(conn, client)  # the room has no news of this
         self._run_timers()
         self._act_on_ready()
 
@@ -306,15 +280,7 @@ class ChatServer(ServerBase):
 
     def _watch(self, conn: Connection, client: _Client) -> None:
         """Tell the selector what to wait for on the client's socket now."""
-        events = 0
-        # Read from a client in the room unless it is throttled, and from one
-        # we are closing (to drop its input); never after its end of stream,
-        # which a level-triggered selector would report readable forever.
-        reading = conn.state is State.OPEN and conn.resume_at is None
-        if (reading or client.closing) and not client.eof:
-            events |= _READ
-        if client.unsent:
-            events |= _WRITE
+        events = (_READ if conn.reading else 0) | (_WRITE if client.unsent else 0)
         if events == client.events:
             return
         if not client.events:
@@ -353,7 +319,7 @@ def _send_some(sock: socket.socket, data: bytes | memoryview) -> bytes | memoryv
     if not data:
         return b""
     try:
-        sent = sock.send(data)
+        sent = sock.send(data, NO_SIGNAL)
     except BlockingIOError:
         sent = 0
     # A memoryview, so that the rest of a large backlog is never copied.

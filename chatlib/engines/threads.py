@@ -6,11 +6,18 @@ arrives to the room. But no thread ever waits to send to someone else:
 
 - one *sender* thread writes out what the room queued, to every client that
   has news, with sends that never block. While it works, more lines pile up,
-  and the next round sends each client all of them in one ``send()``;
+  and the next round sends each client all of them in one ``send()``. A
+  reader waits for the round that carries what it read before it reads
+  again, so a flooder cannot outrun the sender;
 - what the kernel will not take at once (the client is slow, or not reading)
   goes to that client's own *writer* thread, which may block in
   ``sendall()``: that delays this one client, whose lines meanwhile pile up
-  in the room until the send-queue limit drops it.
+  in the room until the send-queue limit drops it;
+- the sender also keeps the deadline of every leaving client, and cuts off
+  whoever is still there when it passes: no thread waits without a bound;
+- the *acceptor* answers a full server's refusals itself, with a selector,
+  so a client turned away costs no thread of its own (Apache's event MPM
+  hands its lingering closes to its listener thread the same way).
 
 All calls into the room happen under one lock, so the room itself needs no
 locking and every client sees the messages in the same order.
@@ -19,19 +26,24 @@ locking and every client sees the messages in the same order.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
+import selectors
 import socket
 import threading
 import time
 
 from chatlib.engines.base import (
     ACCEPT_RETRY_DELAY,
-    LINGER,
+    NO_SIGNAL,
     ServerBase,
+    log,
     out_of_resources,
+    reset_on_close,
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
-from chatlib.room import Connection, State
+from chatlib.room import LINGER, Connection, State
 
 __all__ = ["ChatServer"]
 
@@ -44,10 +56,23 @@ _DONT_WAIT = getattr(socket, "MSG_DONTWAIT", 0)
 class _Client:
     """The socket of one connection, its two threads, and who writes to it."""
 
+    __slots__ = (
+        "peer",
+        "reader",
+        "sending",
+        "slow",
+        "sock",
+        "timer_at",
+        "unsent",
+        "wakeup",
+        "writer",
+    )
+
     def __init__(self, sock: socket.socket, peer: tuple[str, int], lock: threading.Lock) -> None:
         self.sock = sock
         self.peer = peer
-        #: Notified when the writer has work, or must stop.
+        #: Notified when the connection's state or deadline may have changed,
+        #: when its writer has work, and when the sender is done with it.
         self.wakeup = threading.Condition(lock)
         self.reader: threading.Thread | None = None
         self.writer: threading.Thread | None = None
@@ -55,8 +80,10 @@ class _Client:
         #: what it must send first. The sender leaves such a client alone.
         self.slow = False
         self.unsent = b""
-        #: Set once the reader has stopped, so the writer stops waiting too.
-        self.reader_done = False
+        #: Set while the sender writes to the socket: nobody closes it meanwhile.
+        self.sending = False
+        #: The deadline the sender keeps for it, so that each is kept once.
+        self.timer_at: float | None = None
 
 
 class ChatServer(ServerBase):
@@ -73,40 +100,55 @@ class ChatServer(ServerBase):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._listener.setblocking(False)
         self._lock = threading.Lock()
         #: Notified whenever the room may have news for the sender.
         self._news = threading.Condition(self._lock)
+        #: Notified when the sender has finished a round.
+        self._round_sent = threading.Condition(self._lock)
+        self._round = 0  # the round that takes what the room queues now
+        self._rounds_sent = -1
         self._clients: dict[Connection, _Client] = {}
+        # (deadline, tie-breaker, connection): leaving clients, earliest first.
+        self._deadlines: list[tuple[float, int, Connection]] = []
+        self._deadline_ids = itertools.count()
+        # The acceptor's selector: the listener, the wake-up socket, and the
+        # clients it turned away, until they end their side or time out.
+        self._selector = selectors.DefaultSelector()
+        self._turned_away: dict[socket.socket, Connection] = {}
+        self._wakeup, self._wakeup_sender = socket.socketpair()
+        self._wakeup.setblocking(False)
+        self._wakeup_sender.setblocking(False)
         self._sender: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._acceptor_done = threading.Event()
 
     # --- Public methods -------------------------------------------------
 
     def serve_forever(self) -> None:
         """Accept clients until :meth:`stop` is called."""
-        self._sender = threading.Thread(target=self._send, daemon=True)
+        if self._stopping.is_set():
+            return  # stop() came first and closed everything
+        self._sender = threading.Thread(target=self._send, name="chatlib sender", daemon=True)
         self._sender.start()
         self._log_listening()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wakeup, selectors.EVENT_READ)
         try:
-            while True:
-                try:
-                    sock, address = self._listener.accept()
-                except OSError as error:
-                    if self._stopping.is_set():
-                        raise
-                    if out_of_resources(error):
-                        self._log_accept_paused(error)
-                        self._stopping.wait(ACCEPT_RETRY_DELAY)
-                    continue  # otherwise that client gave up before we got to it
-                if self._stopping.is_set():
-                    sock.close()  # the wake-up call from stop()
-                    return
-                self._accept(sock, address)
-        except OSError:
-            if not self._stopping.is_set():
-                raise
+            while not self._stopping.is_set():
+                for key, _ in self._selector.select(self._time_to_next_refusal_deadline()):
+                    if key.fileobj is self._listener:
+                        self._accept_waiting()
+                    elif key.fileobj is self._wakeup:
+                        self._wakeup.recv(64)  # stop() woke us
+                    else:
+                        self._drain_turned_away(key.fileobj)
+                self._close_late_turned_away()
         finally:
-            self._listener.close()
+            for sock in list(self._turned_away):
+                self._close_turned_away(sock)
+            self._close_door()
+            self._acceptor_done.set()
 
     def stop(self) -> None:
         """Say goodbye to every client, close every socket, end every thread."""
@@ -114,209 +156,338 @@ class ChatServer(ServerBase):
             return
         self._stopping.set()
         # serve_forever() may run in our background thread, in a thread of
-        # the caller's, or not at all: wake it wherever it is, then make
-        # sure the listener is closed.
-        self._wake_acceptor()
-        self._join_server_thread(LINGER)
-        self._listener.close()
+        # the caller's, or not at all: wake it wherever it is.
+        with contextlib.suppress(OSError):
+            self._wakeup_sender.send(b"\0")
+        if self._sender is None:
+            self._close_door()  # serve_forever() never ran, and now never will
+            return
+        self._acceptor_done.wait(LINGER)
         with self._lock:
-            self.room.shut_down()
+            self.room.shut_down(time.monotonic())
             self._news.notify()
             clients = list(self._clients.values())
-        # One deadline for all: joining thousands of clients one by one,
-        # each with its own timeout, would take forever.
-        deadline = time.monotonic() + LINGER
+        # Every leaving client has a deadline of LINGER, which the sender
+        # keeps; the margin is for a machine that runs late. One deadline
+        # for all: joining thousands one by one would take forever.
+        deadline = time.monotonic() + 2 * LINGER
         for client in clients:
             client.reader.join(max(0.0, deadline - time.monotonic()))
-        # Whoever is left neither reads nor sends: cut them off.
-        for client in clients:
-            _shut_down(client.sock)
-        deadline = time.monotonic() + LINGER
-        for client in clients:
-            client.reader.join(max(0.0, deadline - time.monotonic()))
-        if self._sender is not None:
-            with self._lock:
-                self._news.notify()  # nothing left to send: the sender sees _stopping
-            self._sender.join(LINGER)
+        with self._lock:
+            self._news.notify()  # nothing left to send: the sender sees _stopping
+        self._sender.join(LINGER)
 
     # --- Private methods ------------------------------------------------
 
     def _accept(self, sock: socket.socket, address: tuple) -> None:
         set_nodelay(sock)
+        # Blocking, whatever socket.setdefaulttimeout() an application set:
+        # a timeout would drop idle clients.
+        sock.settimeout(None)
         # The address accept() returned, not getpeername(): that fails once
         # a client has reset the connection before we accepted it.
         client = _Client(sock, address[:2], self._lock)
         with self._lock:
-            conn = self.room.connect(client.peer)
-            self._clients[conn] = client
-            client.reader = threading.Thread(target=self._read, args=(conn, client), daemon=True)
-            client.writer = threading.Thread(target=self._write, args=(conn, client), daemon=True)
-            # The writer first: a reader that fails at once joins it in _finish.
-            client.writer.start()
-            client.reader.start()
-            self._news.notify()
+            conn = self.room.connect(client.peer, time.monotonic())
+            # Decided here: once the lock is released, the sender may act on
+            # the connection (and find it reset) before its threads start.
+            turned_away = conn.state is not State.OPEN
+            if not turned_away:
+                self._clients[conn] = client
+                self._news.notify()
         self._log_connected(client.peer)
+        if turned_away:
+            self._turn_away(conn, sock)
+            return
+        try:
+            client.writer = threading.Thread(target=self._write, args=(conn, client), daemon=True)
+            client.writer.start()
+            client.reader = threading.Thread(target=self._read, args=(conn, client), daemon=True)
+            client.reader.start()
+        except RuntimeError as error:  # "can't start new thread": refuse this one client
+            log.warning("[REFUSED] %s: %s.", client.peer, error)
+            with self._lock:
+                self.room.connection_lost(conn)
+                self._news.notify()
+            if client.writer is not None and client.writer.is_alive():
+                client.writer.join()  # it sees the connection CLOSED and ends
+            self._finish(conn, client)
 
     def _read(self, conn: Connection, client: _Client) -> None:
         """Feed the room what the client sends; the reader thread's body."""
         try:
             while True:
-                data = client.sock.recv(READ_SIZE)
-                if conn.state is not State.OPEN:
-                    # It has had its goodbye: drop what it still sends until
-                    # it ends. Closing with input unread would send a reset,
-                    # which can destroy the goodbye before it is read.
-                    if not data:
+                with self._lock:
+                    if conn.state is State.CLOSED:
                         break
-                    continue
+                    if not conn.reading:
+                        # Over its flood budget, or past its end of stream:
+                        # wait for the deadline (this thread serves only this
+                        # client, and TCP pushes back on it meanwhile), or
+                        # for the goodbye to go out.
+                        timeout = (
+                            None if conn.deadline is None else conn.deadline - time.monotonic()
+                        )
+                        if timeout is None or timeout > 0:
+                            client.wakeup.wait(timeout)
+                        else:
+                            self.room.deadline_reached(conn, time.monotonic())
+                            self._news.notify()
+                        continue
+                data = client.sock.recv(READ_SIZE)
                 with self._lock:
                     if data:
                         self.room.receive_data(conn, data, time.monotonic())
                     else:
                         self.room.receive_eof(conn, time.monotonic())
                     self._news.notify()
-                # Even after the end of the stream: its last lines may wait.
-                self._wait_while_throttled(conn)
-                if not data:
-                    break
+                    # Read no more until the sender has offered what this
+                    # read fanned out to the kernel: what the room holds stays
+                    # bounded, and the sender cannot be outrun.
+                    this_round = self._round
+                    self._round_sent.wait_for(lambda r=this_round: self._rounds_sent >= r)
         except OSError:
-            pass  # reset by the peer, or shut down by us: either way, done
-        self._finish(conn, client)
-
-    def _wait_while_throttled(self, conn: Connection) -> None:
-        # This thread serves only this client, so making it sleep delays
-        # nobody else, and TCP pushes back on the flooder while we do.
-        while conn.resume_at is not None:
-            if self._stopping.wait(conn.resume_at - time.monotonic()):
-                return
-            with self._lock:
-                self.room.resume(conn, time.monotonic())
+            with self._lock:  # reset by the peer, or cut off by us
+                self.room.connection_lost(conn)
                 self._news.notify()
+        self._finish(conn, client)
 
     def _send(self) -> None:
         """Write out what the room queues, round after round; the sender's body."""
         while True:
             with self._lock:
                 while not (ready := self.room.take_ready()):
+                    # Nothing waits to be sent: the round under way is done.
+                    self._rounds_sent = self._round
+                    self._round += 1
+                    self._round_sent.notify_all()
                     if self._stopping.is_set() and not self._clients:
                         return
-                    self._news.wait()
+                    if not self._cut_off_late():
+                        self._news.wait(self._time_to_next_deadline())
                 output = self._act_on_ready(ready)
+                this_round = self._round
+                self._round += 1
             # Outside the lock: readers go on feeding the room meanwhile,
             # and their lines make up the next round.
-            for client, data in output:
-                self._send_now(client, data)
+            for conn, client, data, last in output:
+                self._send_now(conn, client, data, last)
+            with self._lock:
+                for _, client, _, _ in output:
+                    client.sending = False
+                    client.wakeup.notify_all()
+                self._rounds_sent = this_round
+                self._round_sent.notify_all()
 
-    def _send_now(self, client: _Client, data: bytes) -> None:
-        """Send what the kernel takes at once; hand the rest to the client's writer."""
+    def _send_now(self, conn: Connection, client: _Client, data: bytes, last: bool) -> None:
+        """Send what the kernel takes at once; hand the rest to the client's writer.
+
+        *last* says that *data* ends with the goodbye: once it is all sent,
+        our side of the stream ends.
+        """
         try:
-            sent = client.sock.send(data, _DONT_WAIT) if _DONT_WAIT else 0
+            sent = client.sock.send(data, _DONT_WAIT | NO_SIGNAL) if _DONT_WAIT and data else 0
+            if sent == len(data) and last:
+                self._end_our_side(conn, client)
+                return
         except BlockingIOError:
             sent = 0
         except OSError:
-            _shut_down(client.sock)  # the reader sees it and finishes the client
+            with self._lock:  # reset by the peer, or a broken pipe
+                self.room.connection_lost(conn)
             return
         if sent < len(data):
             with self._lock:
-                self._hand_to_writer(client, data[sent:])
+                client.slow = True
+                client.unsent = data[sent:]
+                self.room.data_unsent(conn, len(client.unsent))
+                client.wakeup.notify_all()
 
     def _write(self, conn: Connection, client: _Client) -> None:
         """Send what the sender could not, blocking if need be; the writer's body."""
         try:
             while True:
                 with self._lock:
-                    # A leaving client may still read: wait for the sender to
-                    # hand over its goodbye. A reset one gets nothing more.
-                    client.wakeup.wait_for(
-                        lambda: (
-                            client.slow
-                            or conn.state is State.CLOSED
-                            or (client.reader_done and conn.state is State.OPEN)
-                        )
-                    )
-                    if not client.slow or conn.state is State.CLOSED:
-                        break
-                    # Only now take more from the room: what waits there
-                    # counts against the send queue, what we hold does not.
+                    client.wakeup.wait_for(lambda: client.slow or conn.state is State.CLOSED)
+                    if conn.state is State.CLOSED:
+                        return
+                    # Only now take more from the room, so that a client that
+                    # does not read costs one backlog here at most.
                     data = client.unsent + conn.data_to_send()
                     client.unsent = b""
-                    if not data:
-                        if conn.state is State.CLOSING:
-                            break
+                    self.room.data_unsent(conn, len(data))
+                    if conn.state is State.CLOSED:
+                        return  # that backlog was past the send queue
+                    if not data and conn.state is State.OPEN:
                         client.slow = False  # all sent: the sender takes over again
                         continue
-                client.sock.sendall(data)
-            if conn.state is State.CLOSING:
-                self._close_gracefully(client)
+                if data:
+                    # A deadline bounds this: once the client is leaving, the
+                    # sender cuts it off then, which ends sendall() at once.
+                    client.sock.sendall(data, NO_SIGNAL)
+                else:
+                    self._end_our_side(conn, client)
+                    return
         except OSError:
-            pass
-        # Wake the reader if it is still blocked in recv(): on Linux,
-        # close() from another thread would not.
-        _shut_down(client.sock)
+            with self._lock:
+                self.room.connection_lost(conn)
+                self._news.notify()
 
-    def _close_gracefully(self, client: _Client) -> None:
-        """Send our end of the stream and give the client LINGER seconds to end its own."""
-        client.sock.shutdown(socket.SHUT_WR)
+    def _end_our_side(self, conn: Connection, client: _Client) -> None:
+        """Send our end of the stream after the goodbye; the client reads it all first."""
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            with self._lock:
+                self.room.connection_lost(conn)  # the peer is gone already
+                self._news.notify()
+            return
         with self._lock:
-            client.wakeup.wait_for(lambda: client.reader_done, LINGER)
+            self.room.eof_sent(conn)
+            self._news.notify()
 
     def _finish(self, conn: Connection, client: _Client) -> None:
-        """Close the client's connection once both its threads are done."""
-        with self._lock:
-            # After a reset the client is still OPEN: nothing else would
-            # wake its writer.
-            client.reader_done = True
-            client.wakeup.notify()
-        client.writer.join(LINGER)
-        if client.writer.is_alive():
-            _shut_down(client.sock)  # a client that reads nothing keeps sendall() blocked
+        """Close a ``CLOSED`` connection's socket once nobody uses it, and forget it."""
+        # Wake the writer wherever it is, even inside sendall(): on Linux,
+        # close() from another thread would not.
+        _cut(client.sock)
+        if client.writer is not None and client.writer is not threading.current_thread():
             client.writer.join()
         with self._lock:
+            client.wakeup.wait_for(lambda: not client.sending)
             del self._clients[conn]
-            self.room.connection_lost(conn)
-            self._news.notify()
+            self._news.notify()  # stop() may be waiting for the last one
+        if conn.cut_off:
+            reset_on_close(client.sock)
         client.sock.close()
         self._log_disconnected(client.peer)
 
-    def _act_on_ready(self, ready: list[Connection]) -> list[tuple[_Client, bytes]]:
-        """Take the backlog of every client with news; cut off the dropped ones.
+    def _act_on_ready(
+        self, ready: list[Connection]
+    ) -> list[tuple[Connection, _Client, bytes, bool]]:
+        """Carry out what the room decided for every connection with news.
 
-        Runs under the lock. Returns what the sender should write; leaving
-        clients go to their writers, which end them once all is sent.
+        Runs under the lock. Returns what the sender should write; a slow
+        client's writer takes its backlog itself.
         """
         output = []
         for conn in ready:
             client = self._clients.get(conn)
             if client is None:
-                continue  # gone already
+                continue  # finished already, or turned away at the door
+            client.wakeup.notify_all()  # its state or deadline may have changed
             if conn.state is State.CLOSED:
-                # Dropped: wake its writer, even from inside sendall().
-                _shut_down(client.sock)
-                client.wakeup.notify()
-            elif client.slow:
+                _cut(client.sock)  # the reader and the writer wake, and finish it
+                continue
+            if conn.state is not State.OPEN and conn.deadline != client.timer_at:
+                client.timer_at = conn.deadline
+                heapq.heappush(self._deadlines, (conn.deadline, next(self._deadline_ids), conn))
+            if client.slow:
                 continue  # its writer takes the backlog when it can
-            elif conn.state is State.CLOSING:
-                self._hand_to_writer(client, conn.data_to_send())
-            elif data := conn.data_to_send():
-                output.append((client, data))
+            data = conn.data_to_send()
+            # Whether this is the goodbye is decided now, under the lock: a
+            # client may leave while the sender writes its earlier lines.
+            last = conn.state is State.CLOSING
+            if data or last:
+                client.sending = True
+                output.append((conn, client, data, last))
         return output
 
-    def _hand_to_writer(self, client: _Client, unsent: bytes) -> None:
-        client.slow = True
-        client.unsent = unsent
-        client.wakeup.notify()
+    def _cut_off_late(self) -> bool:
+        """Tell the room about every deadline that has passed; return whether any had."""
+        now = time.monotonic()
+        passed = False
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, conn = heapq.heappop(self._deadlines)
+            self.room.deadline_reached(conn, now)
+            passed = True
+        return passed
 
-    def _wake_acceptor(self) -> None:
-        # accept() has no portable way to be interrupted from another
-        # thread (close() does not do it on Linux), so connect to ourselves.
-        host, port = self.address
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    def _time_to_next_deadline(self) -> float | None:
+        if not self._deadlines:
+            return None
+        return max(0.0, self._deadlines[0][0] - time.monotonic())
+
+    # --- The door: accepting, and turning away -----------------------------
+
+    def _accept_waiting(self) -> None:
+        """Accept every client waiting in the listener's backlog."""
+        while True:
+            try:
+                sock, address = self._listener.accept()
+            except BlockingIOError:
+                return  # the backlog is empty
+            except OSError as error:
+                if out_of_resources(error):
+                    # The listener stays readable: wait a while instead of spinning.
+                    self._log_accept_paused(error)
+                    self._stopping.wait(ACCEPT_RETRY_DELAY)
+                return  # otherwise that client gave up before we got to it
+            self._accept(sock, address)
+
+    def _turn_away(self, conn: Connection, sock: socket.socket) -> None:
+        """Send a client the room refused its line and our end of stream, and drain it."""
+        sock.setblocking(False)
         try:
-            socket.create_connection((host, port), timeout=1).close()
+            # A fresh socket's buffer always takes one short line.
+            sock.send(conn.data_to_send(), NO_SIGNAL)
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._listener.close()
+            with self._lock:
+                self.room.connection_lost(conn)
+        else:
+            with self._lock:
+                self.room.eof_sent(conn)
+        self._turned_away[sock] = conn
+        if conn.state is State.CLOSED:
+            self._close_turned_away(sock)
+        else:
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _drain_turned_away(self, sock: socket.socket) -> None:
+        """Read and drop what a turned-away client sends, until it ends its side."""
+        conn = self._turned_away[sock]
+        try:
+            ended = not sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            ended = True
+        if ended:
+            with self._lock:
+                self.room.receive_eof(conn, time.monotonic())
+            self._close_turned_away(sock)
+
+    def _close_late_turned_away(self) -> None:
+        now = time.monotonic()
+        late = [sock for sock, conn in self._turned_away.items() if conn.deadline <= now]
+        for sock in late:
+            with self._lock:
+                self.room.deadline_reached(self._turned_away[sock], now)
+            self._close_turned_away(sock)
+
+    def _close_turned_away(self, sock: socket.socket) -> None:
+        conn = self._turned_away.pop(sock)
+        with contextlib.suppress(KeyError):
+            self._selector.unregister(sock)
+        if conn.cut_off or conn.state is not State.CLOSED:
+            reset_on_close(sock)
+        sock.close()
+        self._log_disconnected(conn.peer)
+
+    def _time_to_next_refusal_deadline(self) -> float | None:
+        if not self._turned_away:
+            return None
+        earliest = min(conn.deadline for conn in self._turned_away.values())
+        return max(0.0, earliest - time.monotonic())
+
+    def _close_door(self) -> None:
+        self._selector.close()
+        self._listener.close()
+        self._wakeup.close()
+        self._wakeup_sender.close()
 
 
-def _shut_down(sock: socket.socket) -> None:
+def _cut(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # already shut down, or the peer is gone
         sock.shutdown(socket.SHUT_RDWR)

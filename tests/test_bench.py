@@ -23,10 +23,12 @@ from chatlib.bench import (
     MarkerCounter,
     ScaleResult,
     Server,
+    StopResult,
     check_targets,
     format_report,
     message_text,
     resp_command,
+    run_bench,
     run_fanout,
     run_scale,
     start_server,
@@ -186,6 +188,51 @@ def test_quick_fanout_against_redis_counts_every_delivery():
     assert len(scale.broadcast_ms) == 2
 
 
+def test_quick_scale_run_times_the_stop_with_every_client_connected():
+    report = run_bench(["selectors"], clients=0, idle_clients=40, broadcasts=1, pin=False)
+    assert not report.errors
+    stop = report.scale["selectors"].stop
+    assert stop is not None
+    assert stop.status == 0 and not stop.killed
+    assert 0 < stop.seconds < TIMEOUT
+    text = format_report(report)
+    assert "Fan-out" not in text  # --clients 0 skips the fan-out runs
+    assert "stop after SIGTERM" in text
+    assert f"{stop.seconds:.2f} s, exit 0" in text
+    # Measured with fewer clients than the target's: shown, but neither PASS nor FAIL.
+    assert (
+        "n/a   selectors: SIGTERM with 5000 clients connected exits 0 within 2 s "
+        f"({stop.seconds:.2f} s, exit 0 with 40 clients; run with --idle-clients 5000)"
+    ) in text
+    assert "n/a   every server: no lost deliveries (no fan-out runs)" in text
+
+
+def test_terminate_kills_a_server_that_ignores_sigterm():
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    server = Server("stubborn", "chat", 5050, stubborn)
+    with server:
+        assert stubborn.stdout is not None
+        assert stubborn.stdout.readline() == b"ready\n"  # SIGTERM is ignored from now on
+        stop = server.terminate(timeout=0.3)
+        stubborn.stdout.close()
+    assert stop.killed
+    assert stop.status == -9
+    assert 0.3 <= stop.seconds < TIMEOUT
+
+
+def test_scale_run_stops_only_a_server_it_can_signal():
+    with pytest.raises(ValueError, match="start_server"):
+        run_scale(Server("mine", "chat", 5050), clients=1, stop=True)
+
+
 def test_server_refuses_any_address_but_loopback():
     with pytest.raises(ValueError, match=r"127\.0\.0\.1"):
         Server("elsewhere", "chat", 5050, host="10.0.0.1")
@@ -204,11 +251,14 @@ def test_command_line_quick_run_prints_tables_and_writes_json(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "Fan-out, typing: 20 clients, 4 senders" in run.stdout
     assert "Connection scale: 30 idle clients" in run.stdout
+    assert "stop after SIGTERM" in run.stdout
     assert "Targets" in run.stdout
     assert "naive: connecting 30 idle clients" in run.stderr  # progress goes to stderr
     data = json.loads(out.read_text())
     assert data["typing"]["naive"]["lost"] == 0
     assert data["scale"]["naive"]["clients"] == 30
+    assert data["scale"]["naive"]["stop"]["status"] == 0
+    assert not data["scale"]["naive"]["stop"]["killed"]
 
 
 # The targets are checked honestly
@@ -219,7 +269,14 @@ def _fanout(server: str, per_s: float) -> FanoutResult:
 
 
 def _report(**typing: float) -> BenchReport:
-    settings = {"clients": 100, "senders": 10, "window": 16, "duration": 3.0, "idle_clients": 0}
+    settings = {
+        "clients": 100,
+        "senders": 10,
+        "window": 16,
+        "duration": 3.0,
+        "idle_clients": 0,
+        "broadcasts": 5,
+    }
     machine = {"cpus": "2", "cpu": "x", "system": "y", "python": "3", "redis": "z"}
     results = {name: _fanout(name, per_s) for name, per_s in typing.items()}
     return BenchReport(settings=settings, machine=machine, typing=results)
@@ -259,3 +316,37 @@ def test_targets_count_a_failed_engine_as_failed_and_a_small_scale_run_as_unchec
     checks = {c.target: c for c in check_targets(report)}
     assert checks["every server: no lost deliveries"].passed is False
     assert "naive (typing): 3" in checks["every server: no lost deliveries"].detail
+
+
+def test_stop_target_passes_only_a_clean_exit_within_two_seconds():
+    report = _report(redis=1000.0, naive=250.0)
+    report.settings["idle_clients"] = 5000
+    stops = {
+        "threads": StopResult(10.02, -9, killed=True),
+        "selectors": StopResult(1.07, 0, killed=False),
+        "asyncio": StopResult(1.2, 1, killed=False),
+    }
+    for name, stop in stops.items():
+        report.scale[name] = ScaleResult(name, 5000, 1000, 2000, 2.0, 1.0, [5.0], 5.0, 0.5, stop)
+    checks = {c.target: c for c in check_targets(report)}
+    target = "{}: SIGTERM with 5000 clients connected exits 0 within 2 s"
+    assert checks[target.format("threads")].passed is False
+    assert checks[target.format("threads")].detail == "killed after 10.0 s"
+    assert checks[target.format("selectors")].passed is True
+    assert checks[target.format("asyncio")].passed is False  # in time, but not status 0
+    text = format_report(report)
+    assert "FAIL  threads: SIGTERM with 5000 clients connected exits 0 within 2 s" in text
+    assert "PASS  selectors: SIGTERM with 5000 clients connected exits 0 within 2 s (1.07 s" in text
+    assert "1.20 s, exit 1" in text  # the scale table
+
+
+def test_stop_target_counts_a_miss_with_fewer_clients_as_a_miss():
+    report = _report()
+    report.settings["idle_clients"] = 500
+    slow = StopResult(2.5, 0, killed=False)
+    report.scale["threads"] = ScaleResult("threads", 500, 1, 2, 2.0, 1.0, [5.0], 5.0, 0.5, slow)
+    checks = {c.target: c for c in check_targets(report)}
+    check = checks["threads: SIGTERM with 5000 clients connected exits 0 within 2 s"]
+    assert check.passed is False
+    assert check.detail == "2.50 s, exit 0 with 500 clients; run with --idle-clients 5000"
+    assert checks["asyncio: SIGTERM with 5000 clients connected exits 0 within 2 s"].passed is None

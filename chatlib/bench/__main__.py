@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{','.join(available_servers())})",
     )
     add = parser.add_argument
-    add("--clients", type=int, default=100, help="clients in the fan-out runs (%(default)s)")
+    add(
+        "--clients",
+        type=int,
+        default=100,
+        help="clients in the fan-out runs; 0 skips them (%(default)s)",
+    )
     add("--senders", type=int, default=10, help="how many of them send (%(default)s)")
     add("--window", type=int, default=16, help="lines in flight when pipelined (%(default)s)")
     add("--duration", type=float, default=3.0, help="seconds measured per run (%(default)s)")
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-clients",
         type=int,
         default=5000,
-        help="clients in the scale run; 0 skips it (%(default)s)",
+        help="clients in the scale run, which ends by timing a SIGTERM; 0 skips it (%(default)s)",
     )
     add("--broadcasts", type=int, default=5, help="broadcasts timed at scale (%(default)s)")
     add(

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 
-from chatlib.bench.servers import Server, raise_open_files_limit
+from chatlib.bench.servers import Server, StopResult, raise_open_files_limit
 
 __all__ = [
     "FanoutResult",
@@ -152,6 +152,7 @@ class ScaleResult:
     broadcast_ms: list[float] = field(default_factory=list)  #: one line until all had it
     broadcast_median_ms: float = 0.0
     loadgen_cpu: float = 0.0  #: share of one core the load generator used in the broadcasts
+    stop: StopResult | None = None  #: SIGTERM with every client connected, if asked for
 
 
 def run_fanout(
@@ -203,6 +204,8 @@ def run_scale(
     clients: int = 5000,
     broadcasts: int = 5,
     timeout: float = 300.0,
+    stop: bool = False,
+    stop_timeout: float = 10.0,
     progress: Progress | None = None,
 ) -> ScaleResult:
     """Connect *clients* idle clients to *server*; measure its memory and one broadcast.
@@ -210,10 +213,17 @@ def run_scale(
     Memory is the server's resident set before connecting and once every client
     is greeted and nothing more arrives. Then one client (for Redis, a publisher)
     sends a line, *broadcasts* times, and each time the clock runs until every
-    client has its copy. *timeout* bounds the whole run.
+    client has its copy. *timeout* bounds all that.
+
+    With *stop*, the run ends by stopping the server (:meth:`Server.terminate`,
+    so only a server :func:`start_server` started) while every client is still
+    connected, killing it after *stop_timeout* s; the result's ``stop`` says
+    how that went. The clients neither read nor close meanwhile.
     """
     if clients < 1 or broadcasts < 1:
         raise ValueError("clients and broadcasts must be at least 1")
+    if stop and server.process is None:
+        raise ValueError(f"stop=True needs a server that start_server started, not {server.name}")
     gen = _LoadGen(server, progress)
     try:
         start = perf_counter()
@@ -230,6 +240,12 @@ def run_scale(
         wall_before = perf_counter()
         times = [gen.broadcast_once(seq, deadline) * 1000 for seq in range(broadcasts)]
         loadgen_cpu = (_own_cpu_seconds() - cpu_before) / (perf_counter() - wall_before)
+        stopped = None
+        if stop:
+            # Clients that never end their side are the slowest kind to stop
+            # with: each holds its goodbye open for the server's whole linger.
+            gen.progress(f"{server.name}: SIGTERM with {clients} clients connected...")
+            stopped = server.terminate(stop_timeout)
     finally:
         gen.close()
     per_client = None
@@ -245,6 +261,7 @@ def run_scale(
         broadcast_ms=times,
         broadcast_median_ms=statistics.median(times),
         loadgen_cpu=loadgen_cpu,
+        stop=stopped,
     )
 
 

@@ -17,6 +17,7 @@ from chatlib.bench.servers import (
     SERVER_KINDS,
     Server,
     ServerError,
+    StopResult,
     available_servers,
     raise_open_files_limit,
     start_server,
@@ -41,6 +42,7 @@ TARGETS = {
     "idle_clients": 5000,  # the scale targets are checked with this many clients
     "asyncio_kib_per_client": 4.0,
     "asyncio_broadcast_ms": 100.0,
+    "stop_s": 2.0,  # SIGTERM with idle_clients connected: every engine exits 0 within this
 }
 
 
@@ -88,11 +90,12 @@ def run_bench(
 ) -> BenchReport:
     """Measure each of *servers* (default: all available) in turn; return the report.
 
-    Each server gets a fresh process for the fan-out runs (typing, then
-    pipelined with *window* lines in flight) and another for the scale run
-    with *idle_clients* (0 skips it), bounded by *scale_timeout* seconds. With
-    *pin*, the server runs on one CPU and this process on another, for the
-    duration of the call.
+    Each server gets a fresh process for the fan-out runs with *clients*
+    (typing, then pipelined with *window* lines in flight; 0 skips them) and
+    another for the scale run with *idle_clients* (0 skips it), bounded by
+    *scale_timeout* seconds, which ends by timing the server's exit after
+    SIGTERM with every client still connected. With *pin*, the server runs on
+    one CPU and this process on another, for the duration of the call.
     """
     say = progress or (lambda message: None)
     names = list(servers) if servers is not None else available_servers()
@@ -127,7 +130,8 @@ def run_bench(
             )
         load_before = _load_average()
         for name in names:
-            _measure_fanout(report, name, server_cpu, say)
+            if clients > 0:
+                _measure_fanout(report, name, server_cpu, say)
             if idle_clients > 0 and name not in report.errors:
                 _measure_scale(report, name, server_cpu, say)
     # Others' work on the machine skews everything; say how busy it was.
@@ -192,10 +196,15 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
         median = scale.broadcast_median_ms
         checks.append(TargetCheck(reach, median < ms, f"median {median:.1f} ms"))
 
+    checks += [_check_stop(report, engine) for engine in CHATLIB_ENGINES]
+
     results = [*report.typing.values(), *report.pipelined.values()]
     lossy = [f"{r.server} ({r.mode}): {r.lost}" for r in results if r.lost]
-    detail = "; ".join(lossy) if lossy else f"{len(results)} runs"
-    checks.append(TargetCheck("every server: no lost deliveries", not lossy, detail))
+    if not results:
+        checks.append(TargetCheck("every server: no lost deliveries", None, "no fan-out runs"))
+    else:
+        detail = "; ".join(lossy) if lossy else f"{len(results)} runs"
+        checks.append(TargetCheck("every server: no lost deliveries", not lossy, detail))
     return checks
 
 
@@ -208,7 +217,8 @@ def format_report(report: BenchReport) -> str:
         f"Python {m['python']}, {m['redis']}",
         *(f"note: {note}" for note in report.notes),
     ]
-    for mode, results in (("typing", report.typing), ("pipelined", report.pipelined)):
+    fanout = (("typing", report.typing), ("pipelined", report.pipelined))
+    for mode, results in fanout if s["clients"] > 0 else ():
         in_flight = 1 if mode == "typing" else s["window"]
         lines += [
             "",
@@ -222,6 +232,8 @@ def format_report(report: BenchReport) -> str:
             "",
             f"Connection scale: {s['idle_clients']} idle clients; broadcast: median of "
             f"{s['broadcasts']}, one line until every client has read it",
+            "Stop: from SIGTERM, every client still connected (none reads or closes), "
+            "until the server's process exited",
         ]
         lines += _scale_table(report.scale)
     if report.errors:
@@ -258,6 +270,23 @@ def machine_info() -> dict[str, str]:
 
 
 # Private helpers
+
+
+def _check_stop(report: BenchReport, engine: str) -> TargetCheck:
+    wanted, seconds = TARGETS["idle_clients"], TARGETS["stop_s"]
+    target = f"{engine}: SIGTERM with {wanted} clients connected exits 0 within {seconds:g} s"
+    scale = report.scale.get(engine)
+    if scale is None or scale.stop is None:
+        skipped = "not run" if report.settings["idle_clients"] else "scale run skipped"
+        failed = engine in report.errors
+        return TargetCheck(target, False if failed else None, report.errors.get(engine, skipped))
+    stop = scale.stop
+    passed = not stop.killed and stop.status == 0 and stop.seconds <= seconds
+    if scale.clients >= wanted:
+        return TargetCheck(target, passed, _stop_text(stop))
+    # More clients only make stopping slower: a miss with fewer is a miss.
+    detail = f"{_stop_text(stop)} with {scale.clients} clients; run with --idle-clients {wanted}"
+    return TargetCheck(target, None if passed else False, detail)
 
 
 def _measure_fanout(report: BenchReport, name: str, cpu: int | None, say: Progress) -> None:
@@ -298,11 +327,14 @@ def _measure_scale(report: BenchReport, name: str, cpu: int | None, say: Progres
                 clients=s["idle_clients"],
                 broadcasts=s["broadcasts"],
                 timeout=s["scale_timeout"],
+                stop=True,
                 progress=say,
             )
             report.scale[name] = result
             say(f"{name}: one broadcast to all in {result.broadcast_median_ms:.1f} ms")
-        except OSError as error:
+            assert result.stop is not None
+            say(f"{name}: stop after SIGTERM: {_stop_text(result.stop)}")
+        except (OSError, ServerError) as error:
             _record_error(report, name, "scale", error, server, say)
         _note_exit(report, server)
 
@@ -318,7 +350,7 @@ def _start(report: BenchReport, name: str, cpu: int | None, say: Progress) -> Se
 
 
 def _record_error(
-    report: BenchReport, name: str, run: str, error: OSError, server: Server, say: Progress
+    report: BenchReport, name: str, run: str, error: Exception, server: Server, say: Progress
 ) -> None:
     message = f"{run}: {type(error).__name__}: {error}"
     tail = server.output(limit=600).strip().splitlines()[-3:]
@@ -402,6 +434,7 @@ def _scale_table(results: dict[str, ScaleResult]) -> list[str]:
             "broadcast ms",
             "(each)",
             "loadgen CPU",
+            "stop after SIGTERM",
         )
     ]
     for name, r in results.items():
@@ -417,9 +450,16 @@ def _scale_table(results: dict[str, ScaleResult]) -> list[str]:
                 f"{r.broadcast_median_ms:.1f}",
                 " ".join(f"{t:.0f}" for t in r.broadcast_ms),
                 _percent(r.loadgen_cpu),
+                "-" if r.stop is None else _stop_text(r.stop),
             )
         )
     return _table(rows) if len(rows) > 1 else ["  (no results)"]
+
+
+def _stop_text(stop: StopResult) -> str:
+    if stop.killed:
+        return f"killed after {stop.seconds:.1f} s"
+    return f"{stop.seconds:.2f} s, exit {stop.status}"
 
 
 def _percent(share: float | None) -> str:

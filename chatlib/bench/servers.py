@@ -27,6 +27,7 @@ __all__ = [
     "SERVER_KINDS",
     "Server",
     "ServerError",
+    "StopResult",
     "available_servers",
     "raise_open_files_limit",
     "start_server",
@@ -48,10 +49,22 @@ _LISTENING = re.compile(rb"\[LISTENING\] Server is listening on ([0-9.]+):([0-9]
 # The directory holding the chatlib package, for children started from elsewhere
 # (a notebook's working directory is notebooks/).
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+# How often terminate() looks for the exit. Popen.wait(timeout) sleeps up to 50 ms
+# between looks, too coarse for a stop time measured against a 2 s target.
+_EXIT_POLL = 0.005
 
 
 class ServerError(RuntimeError):
-    """A server could not be started, or is not installed."""
+    """A server could not be started, is not installed, or was gone when told to stop."""
+
+
+@dataclass
+class StopResult:
+    """How a server took SIGTERM: what :meth:`Server.terminate` measured."""
+
+    seconds: float  #: from SIGTERM until the process had exited, or was killed
+    status: int  #: its exit status; negative: killed by that signal (-9: SIGKILL)
+    killed: bool  #: it was still running after the timeout, so it was killed
 
 
 @dataclass
@@ -124,21 +137,44 @@ class Server:
         # pread leaves the file offset alone: the child shares it and is still writing.
         return os.pread(self._log.fileno(), min(limit, size - start), start)
 
+    def terminate(self, timeout: float = 10.0) -> StopResult:
+        """Send the server SIGTERM and time its exit; kill it if it outlives *timeout* s.
+
+        Only for a server :func:`start_server` started. Raises
+        :class:`ServerError` if it had exited already. Call :meth:`stop`
+        afterwards all the same (a ``with`` block does): it closes the log.
+        """
+        if self.process is None:
+            raise ValueError(f"{self.name} was not started by start_server: no process to stop")
+        if self.process.poll() is not None:
+            raise ServerError(
+                f"{self.name} had exited already, with status {self.process.returncode}"
+            )
+        return self._signal_and_wait(timeout)
+
     def stop(self, timeout: float = 5.0) -> int | None:
         """Stop the server with SIGTERM (SIGKILL after *timeout* s); return its exit status."""
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self._signal_and_wait(timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
         return self.process.returncode
+
+    def _signal_and_wait(self, timeout: float) -> StopResult:
+        """SIGTERM, then wait up to *timeout* s for the exit, then SIGKILL."""
+        assert self.process is not None
+        start = time.perf_counter()
+        # Popen skips the signal if the process has exited (and been reaped) meanwhile.
+        self.process.send_signal(signal.SIGTERM)
+        while (status := self.process.poll()) is None:
+            if (elapsed := time.perf_counter() - start) > timeout:
+                self.process.kill()
+                return StopResult(elapsed, self.process.wait(), killed=True)
+            time.sleep(_EXIT_POLL)
+        return StopResult(time.perf_counter() - start, status, killed=False)
 
     def __enter__(self) -> Server:
         return self

@@ -209,9 +209,7 @@ class ChatServer(ServerBase):
             with self._lock:
                 self.room.connection_lost(conn)
                 self._news.notify()
-            if client.writer is not None and client.writer.is_alive():
-                client.writer.join()  # it sees the connection CLOSED and ends
-            self._finish(conn, client)
+            self._finish(conn, client)  # its writer, if it started, sees CLOSED and ends
 
     def _read(self, conn: Connection, client: _Client) -> None:
         """Feed the room what the client sends; the reader thread's body."""
@@ -351,7 +349,8 @@ class ChatServer(ServerBase):
         # Wake the writer wherever it is, even inside sendall(): on Linux,
         # close() from another thread would not.
         _cut(client.sock)
-        if client.writer is not None and client.writer is not threading.current_thread():
+        # is_alive(): a writer whose start() failed cannot be joined.
+        if client.writer is not None and client.writer.is_alive():
             client.writer.join()
         with self._lock:
             client.wakeup.wait_for(lambda: not client.sending)

@@ -7,7 +7,6 @@ server left no thread or file descriptor behind and logged no error.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
@@ -181,6 +180,7 @@ def test_a_failed_thread_start_refuses_one_client_and_keeps_serving(
         pytest.skip("only the threaded engine starts threads per client")
     server = start_server()
     first = connect(server)
+    first.who()  # answered: its threads have started
     real_start = threading.Thread.start
     failures = iter([True])
 

@@ -129,7 +129,7 @@ class ChatServer(ServerBase):
         """Accept clients until :meth:`stop` is called."""
         if self._stopping.is_set():
             return  # stop() came first and closed everything
-        self._sender = threading.Thread(target=self._send, name="chatlib sender", daemon=True)
+        self._sender = threading.Thread(target=self._send, daemon=True)
         self._sender.start()
         self._log_listening()
         self._selector.register(self._listener, selectors.EVENT_READ)

@@ -199,11 +199,13 @@ def test_quick_scale_run_times_the_stop_with_every_client_connected():
     assert "Fan-out" not in text  # --clients 0 skips the fan-out runs
     assert "stop after SIGTERM" in text
     assert f"{stop.seconds:.2f} s, exit 0" in text
-    # Measured with fewer clients than the target's: shown, but neither PASS nor FAIL.
-    assert (
-        "n/a   selectors: SIGTERM with 5000 clients connected exits 0 within 2 s "
+    # Measured with fewer clients than the target asks for; the judgement is
+    # tested below, without timing anything.
+    target = "selectors: SIGTERM with 5000 clients connected exits 0 within 2 s"
+    (line,) = [line for line in text.splitlines() if target in line]
+    assert line.endswith(
         f"({stop.seconds:.2f} s, exit 0 with 40 clients; run with --idle-clients 5000)"
-    ) in text
+    )
     assert "n/a   every server: no lost deliveries (no fan-out runs)" in text
 
 

@@ -271,9 +271,10 @@ class ChatServer(ServerBase):
             for conn, client, data, last in output:
                 self._send_now(conn, client, data, last)
             with self._lock:
-                for _, client, _, _ in output:
+                for conn, client, _, _ in output:
                     client.sending = False
-                    client.wakeup.notify_all()
+                    if conn.state is State.CLOSED:
+                        client.wakeup.notify_all()  # _finish() waits to close the socket
                 self._rounds_sent = this_round
                 self._round_sent.notify_all()
 
@@ -374,7 +375,9 @@ class ChatServer(ServerBase):
             client = self._clients.get(conn)
             if client is None:
                 continue  # finished already, or turned away at the door
-            client.wakeup.notify_all()  # its state or deadline may have changed
+            if conn.state is not State.OPEN:
+                # Its reader or writer may wait for the way out to go on.
+                client.wakeup.notify_all()
             if conn.state is State.CLOSED:
                 _cut(client.sock)  # the reader and the writer wake, and finish it
                 continue

@@ -162,6 +162,8 @@ class ChatServer(ServerBase):
         if self._sender is None:
             self._close_door()  # serve_forever() never ran, and now never will
             return
+        # It admits nobody once _stopping is set, so the goodbye below
+        # reaches every member.
         self._acceptor_done.wait(LINGER)
         with self._lock:
             self.room.shut_down(time.monotonic())
@@ -172,7 +174,8 @@ class ChatServer(ServerBase):
         # for all: joining thousands one by one would take forever.
         deadline = time.monotonic() + 2 * LINGER
         for client in clients:
-            client.reader.join(max(0.0, deadline - time.monotonic()))
+            if client.reader is not None:  # None: its start failed, and it is gone
+                client.reader.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._news.notify()  # nothing left to send: the sender sees _stopping
         self._sender.join(LINGER)
@@ -188,6 +191,11 @@ class ChatServer(ServerBase):
         # a client has reset the connection before we accepted it.
         client = _Client(sock, address[:2], self._lock)
         with self._lock:
+            if self._stopping.is_set():
+                # Accepted just as we stopped: stop() says goodbye to the room
+                # once we are done here, and this one would miss it.
+                sock.close()
+                return
             conn = self.room.connect(client.peer, time.monotonic())
             # Decided here: once the lock is released, the sender may act on
             # the connection (and find it reset) before its threads start.
@@ -414,7 +422,7 @@ class ChatServer(ServerBase):
 
     def _accept_waiting(self) -> None:
         """Accept every client waiting in the listener's backlog."""
-        while True:
+        while not self._stopping.is_set():
             try:
                 sock, address = self._listener.accept()
             except BlockingIOError:

@@ -258,8 +258,10 @@ class Room:
 
         Lines it sent before are still handled, a final line without a
         newline included; then the client leaves and its connection is
-        ``CLOSING`` (a half-closed client may still read the goodbye).
+        ``CLOSING`` (a half-closed client still reads the answers to them).
         """
+        if conn.state is State.CLOSED:
+            return
         conn._peer_eof = True
         self._ready[conn] = None  # reading has stopped
         if conn.state is State.OPEN:

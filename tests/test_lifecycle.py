@@ -152,8 +152,6 @@ def test_turned_away_clients_cost_no_thread_and_no_descriptor(start_server, conn
     # against a full room leaked a descriptor each (asyncio: 973 fds after 1,000 tries).
     server = start_server(max_clients=2)
     members = [connect(server), connect(server)]
-    for member in members:
-        member.who()  # its threads, if it has any, are running: it was answered
     threads_before, fds_before = threading.enumerate(), count_fds()
     refused = [LineClient(server.address) for _ in range(20)]
     try:
@@ -179,8 +177,7 @@ def test_a_failed_thread_start_refuses_one_client_and_keeps_serving(
     if engine != "threads":
         pytest.skip("only the threaded engine starts threads per client")
     server = start_server()
-    first = connect(server)
-    first.who()  # answered: its threads have started
+    first = connect(server)  # its welcome comes once its threads run
     real_start = threading.Thread.start
     failures = iter([True])
 

@@ -197,27 +197,31 @@ class ChatServer(ServerBase):
                 sock.close()
                 return
             conn = self.room.connect(client.peer, time.monotonic())
-            # Decided here: once the lock is released, the sender may act on
-            # the connection (and find it reset) before its threads start.
             turned_away = conn.state is not State.OPEN
             if not turned_away:
                 self._clients[conn] = client
+                # Under the lock, so that the sender cannot write the welcome
+                # before both threads run: whoever reads it may count them.
+                refused = self._start_threads(conn, client)
                 self._news.notify()
         self._log_connected(client.peer)
         if turned_away:
             self._turn_away(conn, sock)
-            return
+        elif refused:
+            log.warning("[REFUSED] %s: %s.", client.peer, refused)
+            self._finish(conn, client)  # its writer, if it started, sees CLOSED and ends
+
+    def _start_threads(self, conn: Connection, client: _Client) -> RuntimeError | None:
+        """Start the client's writer and reader; on failure, cut it off and return why."""
         try:
             client.writer = threading.Thread(target=self._write, args=(conn, client), daemon=True)
             client.writer.start()
             client.reader = threading.Thread(target=self._read, args=(conn, client), daemon=True)
             client.reader.start()
         except RuntimeError as error:  # "can't start new thread": refuse this one client
-            log.warning("[REFUSED] %s: %s.", client.peer, error)
-            with self._lock:
-                self.room.connection_lost(conn)
-                self._news.notify()
-            self._finish(conn, client)  # its writer, if it started, sees CLOSED and ends
+            self.room.connection_lost(conn)
+            return error
+        return None
 
     def _read(self, conn: Connection, client: _Client) -> None:
         """Feed the room what the client sends; the reader thread's body."""
@@ -242,6 +246,8 @@ class ChatServer(ServerBase):
                         continue
                 data = client.sock.recv(READ_SIZE)
                 with self._lock:
+                    if conn.state is State.CLOSED:
+                        break  # cut off while we waited: there is nobody to tell
                     if data:
                         self.room.receive_data(conn, data, time.monotonic())
                     else:
@@ -364,7 +370,8 @@ class ChatServer(ServerBase):
         with self._lock:
             client.wakeup.wait_for(lambda: not client.sending)
             del self._clients[conn]
-            self._news.notify()  # stop() may be waiting for the last one
+            if not self._clients and self._stopping.is_set():
+                self._news.notify()  # the sender may stop once the last one is gone
         if conn.cut_off:
             reset_on_close(client.sock)
         client.sock.close()

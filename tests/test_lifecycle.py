@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from chatlib.lessons import threads_named
 from chatlib.room import LINGER
 from chatlib.server import create_server
 from tests.helpers import ConnectionClosed, LineClient, count_fds, wait_until
@@ -82,11 +83,15 @@ def test_pipelined_lines_fanned_out_past_sendq_in_one_read_drop_nobody_who_reads
 
 
 @pytest.mark.timeout(120)
-def test_a_slow_reader_gets_every_line_intact_and_in_order(start_server, connect):
+def test_a_slow_reader_gets_every_line_intact_and_in_order(start_server, connect, engine):
     # 8 MB through a 4 KB receive window: the server's sends are partial again and again.
     server = start_server(sendq=64 * MB)
     sender = connect(server)
     slow = connect(server, rcvbuf=4096)
+    if engine == "threads":
+        sender.who()
+        # Clients that keep up cost one thread each, their reader.
+        assert (threads_named("(_read)"), threads_named("(_write)")) == (2, 0)
     count, payload = 16_000, "p" * 500
     last = f"<{sender.name}> {count - 1} {payload}"
     thread, lines = reader_thread(slow, last)
@@ -95,6 +100,10 @@ def test_a_slow_reader_gets_every_line_intact_and_in_order(start_server, connect
     thread.join(90)
     assert lines[-1:] == [last]
     assert slow.messages(lines) == [f"<{sender.name}> {i} {payload}" for i in range(count)]
+    if engine == "threads":
+        # The kernel refused part of a send to it (and to the sender, which reads nothing
+        # meanwhile): each got a writer thread of its own.
+        assert threads_named("(_write)") == 2
 
 
 # --- Leaving: the goodbye, then a prompt and clean end ---------------------------------

@@ -10,9 +10,10 @@ arrives to the room. But no thread ever waits to send to someone else:
   reader waits for the round that carries what it read before it reads
   again, so a flooder cannot outrun the sender;
 - what the kernel will not take at once (the client is slow, or not reading)
-  goes to that client's own *writer* thread, which may block in
-  ``sendall()``: that delays this one client, whose lines meanwhile pile up
-  in the room until the send-queue limit drops it;
+  goes to that client's own *writer* thread, started the first time it is
+  needed, which may block in ``sendall()``: that delays this one client,
+  whose lines meanwhile pile up in the room until the send-queue limit drops
+  it. A client that keeps up costs one thread, its reader;
 - the sender also keeps the deadline of every leaving client, and cuts off
   whoever is still there when it passes: no thread waits without a bound;
 - the *acceptor* answers a full server's refusals itself, with a selector,
@@ -32,6 +33,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from chatlib.engines.base import (
     ACCEPT_RETRY_DELAY,
@@ -75,6 +77,7 @@ class _Client:
         #: when its writer has work, and when the sender is done with it.
         self.wakeup = threading.Condition(lock)
         self.reader: threading.Thread | None = None
+        #: Started by the sender the first time the kernel refuses part of a send.
         self.writer: threading.Thread | None = None
         #: Whether the writer thread owns this client's output for now, and
         #: what it must send first. The sender leaves such a client alone.
@@ -87,7 +90,7 @@ class _Client:
 
 
 class ChatServer(ServerBase):
-    """A chat server with a reader and a writer thread per client, and a sender.
+    """A chat server with a reader thread per client (and a writer for slow ones), and a sender.
 
     Use it as a context manager (it serves in a background thread)::
 
@@ -200,28 +203,30 @@ class ChatServer(ServerBase):
             turned_away = conn.state is not State.OPEN
             if not turned_away:
                 self._clients[conn] = client
-                # Under the lock, so that the sender cannot write the welcome
-                # before both threads run: whoever reads it may count them.
-                refused = self._start_threads(conn, client)
+                client.reader = self._start_thread(conn, client, self._read)
                 self._news.notify()
         self._log_connected(client.peer)
         if turned_away:
             self._turn_away(conn, sock)
-        elif refused:
-            log.warning("[REFUSED] %s: %s.", client.peer, refused)
-            self._finish(conn, client)  # its writer, if it started, sees CLOSED and ends
+        elif client.reader is None:
+            self._finish(conn, client)  # refused: no thread would ever finish it
 
-    def _start_threads(self, conn: Connection, client: _Client) -> RuntimeError | None:
-        """Start the client's writer and reader; on failure, cut it off and return why."""
+    def _start_thread(
+        self, conn: Connection, client: _Client, body: Callable[[Connection, _Client], None]
+    ) -> threading.Thread | None:
+        """Start *body* for the client in a thread; on failure, cut the client off.
+
+        Runs under the lock, which also keeps the sender from writing the
+        welcome before a new member's reader runs: whoever reads it may count.
+        """
+        thread = threading.Thread(target=body, args=(conn, client), daemon=True)
         try:
-            client.writer = threading.Thread(target=self._write, args=(conn, client), daemon=True)
-            client.writer.start()
-            client.reader = threading.Thread(target=self._read, args=(conn, client), daemon=True)
-            client.reader.start()
-        except RuntimeError as error:  # "can't start new thread": refuse this one client
+            thread.start()
+        except RuntimeError as error:  # "can't start new thread": only this client pays
+            log.warning("[REFUSED] %s: %s.", client.peer, error)
             self.room.connection_lost(conn)
-            return error
-        return None
+            return None
+        return thread
 
     def _read(self, conn: Connection, client: _Client) -> None:
         """Feed the room what the client sends; the reader thread's body."""
@@ -314,6 +319,8 @@ class ChatServer(ServerBase):
                 client.slow = True
                 client.unsent = data[sent:]
                 self.room.data_unsent(conn, len(client.unsent))
+                if client.writer is None and conn.state is not State.CLOSED:
+                    client.writer = self._start_thread(conn, client, self._write)
                 client.wakeup.notify_all()
 
     def _write(self, conn: Connection, client: _Client) -> None:
@@ -364,11 +371,14 @@ class ChatServer(ServerBase):
         # Wake the writer wherever it is, even inside sendall(): on Linux,
         # close() from another thread would not.
         _cut(client.sock)
-        # is_alive(): a writer whose start() failed cannot be joined.
-        if client.writer is not None and client.writer.is_alive():
-            client.writer.join()
         with self._lock:
+            # Once the sender is done with it, nobody starts a writer for a
+            # CLOSED connection: this is the last one it will ever have.
             client.wakeup.wait_for(lambda: not client.sending)
+            writer = client.writer
+        if writer is not None:
+            writer.join()
+        with self._lock:
             del self._clients[conn]
             if not self._clients and self._stopping.is_set():
                 self._news.notify()  # the sender may stop once the last one is gone

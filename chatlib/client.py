@@ -121,7 +121,17 @@ class _Terminal:
             except ImportError:
                 pass
             else:
-                self._readline = readline
+                # Called once input() has drawn its prompt and readline reads
+                # keys: only from then on is there a typed line to redraw.
+                # (Some libedit builds lack the hook: lines are then printed
+                # plainly, as on Windows.)
+                if hasattr(readline, "set_pre_input_hook"):
+                    readline.set_pre_input_hook(self._reading_keys)
+                    self._readline = readline
+
+    def _reading_keys(self) -> None:
+        with self._lock:
+            self._prompt_shown = True
 
     def show(self, line: str) -> None:
         with self._lock:
@@ -137,12 +147,11 @@ class _Terminal:
     def read_line(self) -> str:
         """Return the next line typed (or piped); raise EOFError at the end."""
         if self.interactive:
-            with self._lock:
-                self._prompt_shown = True
             try:
                 return input(PROMPT)
             finally:
-                self._prompt_shown = False
+                with self._lock:
+                    self._prompt_shown = False
         line = sys.stdin.readline()
         if not line:
             raise EOFError

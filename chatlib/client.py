@@ -122,16 +122,18 @@ class _Terminal:
                 pass
             else:
                 # Called once input() has drawn its prompt and readline reads
-                # keys: only from then on is there a typed line to redraw.
-                # (Some libedit builds lack the hook: lines are then printed
-                # plainly, as on Windows.)
+                # keys. (Some libedit builds lack the hook: lines are then
+                # printed plainly, as on Windows.)
                 if hasattr(readline, "set_pre_input_hook"):
                     readline.set_pre_input_hook(self._reading_keys)
                     self._readline = readline
+        self._drawing_prompt = False  # read_line() holds the lock meanwhile
 
     def _reading_keys(self) -> None:
-        with self._lock:
-            self._prompt_shown = True
+        # The prompt is drawn and readline owns the line: show() may redraw it.
+        self._prompt_shown = True
+        self._drawing_prompt = False
+        self._lock.release()
 
     def show(self, line: str) -> None:
         with self._lock:
@@ -146,12 +148,23 @@ class _Terminal:
 
     def read_line(self) -> str:
         """Return the next line typed (or piped); raise EOFError at the end."""
-        if self.interactive:
+        if self._readline is not None:
+            # No line may be shown while input() draws the prompt and readline
+            # takes over the terminal: it would split the prompt, or be redrawn
+            # before keys typed meanwhile reach readline. _reading_keys()
+            # releases the lock once readline reads.
+            self._lock.acquire()
+            self._drawing_prompt = True
             try:
                 return input(PROMPT)
             finally:
+                if self._drawing_prompt:  # input() ended before readline read a key
+                    self._drawing_prompt = False
+                    self._lock.release()
                 with self._lock:
                     self._prompt_shown = False
+        if self.interactive:
+            return input(PROMPT)
         line = sys.stdin.readline()
         if not line:
             raise EOFError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -26,13 +27,17 @@ BYE_ALL = "*** The server is shutting down. Bye!"
 class ServerProcess:
     """``python -m chatlib.server`` in a subprocess, its stdout read line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, max_files: int | None = None) -> None:
+        def limit_files() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chatlib.server", *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=limit_files if max_files else None,
         )
         self.output: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -80,8 +85,8 @@ def run_server():
     """Return a function that starts ``python -m chatlib.server ARGS``; all killed at teardown."""
     started: list[ServerProcess] = []
 
-    def run(*args: str) -> ServerProcess:
-        server = ServerProcess(*args)
+    def run(*args: str, max_files: int | None = None) -> ServerProcess:
+        server = ServerProcess(*args, max_files=max_files)
         started.append(server)
         return server
 
@@ -322,3 +327,30 @@ def test_exiting_does_not_wait_for_an_unread_stdout(unread_server):
     assert stderr == ""
     # stop() has 2 s, the log waits LOG_FLUSH_TIMEOUT for a reader; allow for a busy machine.
     assert elapsed < 2.0 + LOG_FLUSH_TIMEOUT + 1.0, f"took {elapsed:.2f} s to exit"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_out_of_file_descriptors_is_one_warning_per_pause(run_server, engine):
+    # Fault (asyncio): one traceback per failed accept(), thousands a second.
+    server = run_server("--engine", engine, "--port", "0", max_files=64)
+    port = server.listening_port()
+    # The kernel completes these connections for the backlog; the server runs out of
+    # descriptors accepting them.
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(120)]
+    try:
+        # Twice: the second comes after a pause of ACCEPT_RETRY_DELAY, the descriptors still
+        # short, so the log has had a whole pause to say too much.
+        for _ in range(2):
+            server.expect(r"\[PAUSED\] Cannot accept: .*")
+    finally:
+        for client in clients:
+            client.close()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(TIMEOUT) == 0
+    server._reader.join(TIMEOUT)
+    while (line := server._lines.get_nowait()) is not None:
+        server.output.append(line)
+    log = "\n".join(server.output) + server.stderr()
+    assert "Traceback" not in log
+    assert all(line.startswith("[PAUSED]") for line in log.splitlines() if "accept" in line)

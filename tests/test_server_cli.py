@@ -354,3 +354,41 @@ def test_out_of_file_descriptors_is_one_warning_per_pause(run_server, engine):
     log = "\n".join(server.output) + server.stderr()
     assert "Traceback" not in log
     assert all(line.startswith("[PAUSED]") for line in log.splitlines() if "accept" in line)
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_does_not_ignore_sigpipe_survives_resets():
+    # Fault (threads): sends relied on SIGPIPE being ignored, as Python does but an
+    # application embedding the server may not. (The selectors engine reads a reset before
+    # it writes again, and asyncio's transports are asyncio's to fix.)
+    engine = "threads"
+    code = (
+        "import signal, sys; signal.signal(signal.SIGPIPE, signal.SIG_DFL); "
+        "from chatlib.server import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--engine", engine, "--port", "0", "--rate", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        port = int(LISTENING.fullmatch(proc.stdout.readline().rstrip("\n"))[1])
+        talker = LineClient(("127.0.0.1", port))
+        talker.welcome()
+        for _ in range(30):
+            doomed = [LineClient(("127.0.0.1", port)) for _ in range(5)]
+            for client in doomed:
+                client.welcome()
+            talker.say(*["x" * 400] * 50)  # the server writes to them as they reset
+            for client in doomed:
+                client.reset()
+            talker.say("still there?")
+            talker.expect(f"<{talker.name}> still there?")
+            assert proc.poll() is None, f"the server died: status {proc.returncode}"
+        talker.close()
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+        proc.stdout.close()

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "MAX_NAME_LENGTH",
+    "NAME_SEPARATORS",
     "NOTICES",
     "READ_SIZE",
     "Command",
@@ -29,7 +30,9 @@ __all__ = [
     "ServerLine",
     "encode_line",
     "format_notice",
+    "name_key",
     "name_problem",
+    "normalize_name",
     "parse_command",
     "parse_notice",
     "parse_server_line",
@@ -55,8 +58,10 @@ CLIENT_MAX_LINE = 64 * 1024
 
 # Code points that could act on a terminal or reorder text instead of showing
 # up as text: C0 controls (ESC starts ANSI sequences), DEL, C1 controls
-# (U+009B is a one-character CSI on some terminals), and the bidirectional
-# overrides and isolates behind "Trojan Source" (CVE-2021-42574).
+# (U+009B is a one-character CSI on some terminals), the bidirectional
+# overrides and isolates behind "Trojan Source" (CVE-2021-42574), and the
+# line and paragraph separators, at which some displays start a new line
+# that would look like a line from the server.
 _C0 = {c: f"^{chr(c + 64)}" for c in range(0x20)}
 _C0[0x09] = " "  # a tab is harmless; a space keeps columns predictable
 _DEL = {0x7F: "^?"}
@@ -64,15 +69,17 @@ _C1 = dict.fromkeys(range(0x80, 0xA0), "\ufffd")
 _BIDI = dict.fromkeys(
     [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C], "\ufffd"
 )
-_NEUTRALISE = str.maketrans({**_C0, **_DEL, **_C1, **_BIDI})
+_SEPARATORS = {0x2028: "\ufffd", 0x2029: "\ufffd"}
+_NEUTRALISE = str.maketrans({**_C0, **_DEL, **_C1, **_BIDI, **_SEPARATORS})
 
 
 def sanitize(text: str) -> str:
     """Return *text* with every control character made visible and inert.
 
     C0 controls and DEL become caret notation (ESC shows as ``^[``), so a
-    reader sees that something odd was sent; C1 controls and bidirectional
-    overrides become U+FFFD. The result is safe to print on any terminal.
+    reader sees that something odd was sent; C1 controls, bidirectional
+    overrides and the line and paragraph separators (U+2028, U+2029) become
+    U+FFFD. The result is safe to print on any terminal.
     """
     return text.translate(_NEUTRALISE)
 
@@ -83,6 +90,16 @@ def encode_line(text: str) -> bytes:
 
 
 # --- Framing -----------------------------------------------------------------
+
+
+# Telnet's commands (RFC 854): each starts with IAC, a byte that never occurs
+# in UTF-8 text, so they can be told from the text without any doubt.
+_IAC, _SB, _SE = 255, 250, 240
+_WILL, _WONT, _DO, _DONT = 251, 252, 253, 254
+#: How to refuse an option: "do X" is answered "I won't", "I will X" is
+#: answered "don't". Refusing is always allowed (RFC 854), and a refusal is
+#: never answered, so no negotiation can loop.
+_REFUSAL = {_DO: _WONT, _WILL: _DONT}
 
 
 class LineFramer:
@@ -97,18 +114,35 @@ class LineFramer:
     never comes out: the framer drops it, skips to the next newline and
     counts it in :attr:`overlong`. An endless line therefore costs at most
     *max_line* bytes of memory, however long it runs.
+
+    With *telnet* true, as a server's framer is, the Telnet commands a
+    ``telnet`` client mixes into the stream are taken out, subnegotiations
+    included, and every option it offers or asks for is refused: send what
+    :meth:`take_telnet_replies` returns back to the client. (After Ctrl-C,
+    ``telnet`` discards everything it receives until its DO TIMING-MARK is
+    answered.)
     """
 
-    def __init__(self, max_line: int) -> None:
+    def __init__(self, max_line: int, telnet: bool = False) -> None:
         self.max_line = max_line
         #: How many lines were dropped for being too long, ever.
         self.overlong = 0
         self._buffer = bytearray()
         self._start = 0  # where the first unread line begins in _buffer
         self._discarding = False  # inside a too-long line, waiting for its end
+        self._telnet = telnet
+        # The Telnet command being read (it may be cut by a read boundary),
+        # or None between commands.
+        self._command: bytearray | None = None
+        self._in_subnegotiation = False
+        self._replies = bytearray()
 
     def feed(self, data: bytes) -> None:
         """Append *data*, a chunk of the stream, to what is buffered."""
+        if self._telnet and (
+            b"\xff" in data or self._command is not None or self._in_subnegotiation
+        ):
+            data = self._strip_telnet(data)
         if self._discarding:
             newline = data.find(b"\n")
             if newline < 0:
@@ -125,6 +159,12 @@ class LineFramer:
             del self._buffer[tail:]
             self.overlong += 1
             self._discarding = True
+
+    def take_telnet_replies(self) -> bytes:
+        """Return the answers to the Telnet commands fed so far, and forget them."""
+        replies = bytes(self._replies)
+        self._replies.clear()
+        return replies
 
     def next_line(self) -> str | None:
         """Return the next complete line, or ``None`` until more data comes."""
@@ -161,6 +201,43 @@ class LineFramer:
             self.overlong += 1
             return None
         return _decode(raw)
+
+    def _strip_telnet(self, data: bytes) -> bytes:
+        """Return *data* without its Telnet commands; queue the refusals they call for."""
+        text = bytearray()
+        position = 0
+        while position < len(data):
+            if self._command is not None:
+                self._command.append(data[position])
+                position += 1
+                self._end_command()
+                continue
+            start = data.find(b"\xff", position)
+            if start < 0:
+                start = len(data)
+            else:
+                self._command = bytearray([_IAC])
+            if not self._in_subnegotiation:  # a subnegotiation's bytes are dropped
+                text += data[position:start]
+            position = start + 1
+        return bytes(text)
+
+    def _end_command(self) -> None:
+        """Act on the Telnet command in ``_command`` if it is complete."""
+        command = self._command
+        verb = command[1]
+        if self._in_subnegotiation:
+            # Only IAC SE ends it; IAC IAC is a 0xFF byte of its data.
+            self._in_subnegotiation = verb != _SE
+        elif verb in (_WILL, _WONT, _DO, _DONT):
+            if len(command) < 3:
+                return  # the option is still to come
+            if verb in _REFUSAL:
+                self._replies += bytes([_IAC, _REFUSAL[verb], command[2]])
+        elif verb == _SB:
+            self._in_subnegotiation = True
+        # Anything else (IAC IP after Ctrl-C, IAC AYT, IAC IAC) is dropped.
+        self._command = None
 
     @property
     def buffered(self) -> int:
@@ -221,26 +298,127 @@ def parse_command(line: str) -> Command:
     return Command(name.lower(), args.strip())
 
 
-_BAD_NAME_CHARS = re.compile(r"[\s<>*]")
+# --- Names -------------------------------------------------------------------
+
+#: The characters besides letters and digits that a name may hold. Everything
+#: else is refused: spaces and commas (they separate names in lists), and the
+#: symbols and punctuation that make up or mimic the line markers (``*``,
+#: ``<``, ``>``, ``!``, and lookalikes such as U+2217 ASTERISK OPERATOR,
+#: U+204E LOW ASTERISK or U+2039 SINGLE LEFT-POINTING ANGLE QUOTATION MARK).
+NAME_SEPARATORS = "-_."
+
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): code
+# points that display as nothing. Most are format characters, refused anyway;
+# these ranges also catch the invisible letters and marks: the Hangul fillers,
+# the combining grapheme joiner, the variation selectors.
+_INVISIBLE = [
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+]  # fmt: skip
+
+# A character's script, as the first word of its Unicode name says ("LATIN
+# SMALL LETTER A", "CYRILLIC SMALL LETTER A"), with the few whose first word
+# is not the script's name. ASCII digits and the separators belong to every
+# script.
+_SCRIPT_ALIASES = {
+    "CJK": "HAN",
+    "IDEOGRAPHIC": "HAN",
+    "ARABIC-INDIC": "ARABIC",
+    "EXTENDED": "ARABIC",  # EXTENDED ARABIC-INDIC DIGIT ...
+    "KATAKANA-HIRAGANA": "KATAKANA",  # the prolonged sound mark, ー
+}
+#: Scripts a name may mix, as people write in them: Japanese mixes kanji,
+#: hiragana and katakana, Korean hangul and hanja, Chinese han and bopomofo
+#: (UTS #39's "highly restrictive" level). Any other name keeps to one script.
+_SCRIPT_MIXES = [{"HAN", "HIRAGANA", "KATAKANA"}, {"HAN", "HANGUL"}, {"HAN", "BOPOMOFO"}]
+
+# A skeleton for the letters of Cyrillic and Greek that look like Latin ones
+# (after casefold(): the lower-case letters, and the lower-case forms of
+# capitals that look Latin, such as Cyrillic and Greek capital H), and the
+# Latin digits and pairs that look like letters: a small part of Unicode's
+# confusables.txt (UTS #39). Names whose skeletons are equal cannot both be
+# taken.
+_SKELETON = str.maketrans(
+    {
+        **dict(zip("авеһнікӏмјорстуүхѕԁԛԝ", "abehhiklmjopctyyxsdqw", strict=True)),
+        **dict(zip("αβεζηικμνοπρτυχ", "abezhikmvonptyx", strict=True)),
+        "0": "o",
+        "1": "l",
+    }
+)
+
+
+def normalize_name(name: str) -> str:
+    """Return *name* in the form the server keeps: NFKC, spaces around it removed.
+
+    NFKC turns compatibility forms into plain ones: ``alice`` in fullwidth
+    letters (U+FF41...) or in mathematical bold ones becomes plain ``alice``.
+    """
+    return unicodedata.normalize("NFKC", name).strip()
+
+
+def name_key(name: str) -> str:
+    """Return what two names must differ in to be told apart.
+
+    Names that give the same key cannot both be in use: ``Alice``,
+    ``ALICE``, ``a1ice``, and ``alice`` spelt with a Cyrillic a (U+0430) or
+    in fullwidth letters all give ``alice``. The key is the name normalised, case-folded, and
+    mapped to a confusables skeleton.
+    """
+    return normalize_name(name).casefold().replace("rn", "m").translate(_SKELETON)
 
 
 def name_problem(name: str) -> str | None:
     """Return why *name* cannot be used, or ``None`` if it is fine.
 
-    Names are 1 to 32 characters with no spaces, ``<``, ``>``, ``*`` or
-    control characters, so a name can never fake another line kind (see
-    :func:`parse_server_line`). Uniqueness is the room's business.
+    *name* must be normalised already (:func:`normalize_name`). A name is 1
+    to 32 letters and digits of one script (see :data:`NAME_SEPARATORS` for
+    the others), starting with a letter or digit, with nothing invisible in
+    it: so it can never fake another line kind (see
+    :func:`parse_server_line`) or pass for someone else. Uniqueness is the
+    room's business.
     """
     if not name:
         return "A name needs at least one character."
     if len(name) > MAX_NAME_LENGTH:
         return f"A name has at most {MAX_NAME_LENGTH} characters."
-    if _BAD_NAME_CHARS.search(name) or any(
-        unicodedata.category(c) in ("Cc", "Cf") or c in "^\ufffd" for c in name
-    ):
-        # "^" and U+FFFD are what sanitize() turned controls into.
-        return "A name cannot contain spaces, <, >, *, ^ or control characters."
+    if any(_is_invisible(char) for char in name):
+        return "A name cannot contain invisible characters."
+    if not all(_is_name_char(char) for char in name):
+        return "A name holds only letters, digits and the characters - _ . (no spaces or symbols)."
+    if not _is_letter_or_digit(name[0]):
+        return "A name starts with a letter or a digit."
+    scripts = {_script(char) for char in name if _script(char) is not None}
+    if len(scripts) > 1 and not any(scripts <= mix for mix in _SCRIPT_MIXES):
+        return "A name keeps to one script: its letters cannot look like another alphabet's."
     return None
+
+
+def _is_invisible(char: str) -> bool:
+    code = ord(char)
+    return any(first <= code <= last for first, last in _INVISIBLE)
+
+
+def _is_letter_or_digit(char: str) -> bool:
+    return unicodedata.category(char)[0] == "L" or unicodedata.category(char) == "Nd"
+
+
+def _is_name_char(char: str) -> bool:
+    # Marks (accents, vowel signs) are fine as part of a letter: NFKC leaves
+    # them where no precomposed letter exists, as in Devanagari.
+    category = unicodedata.category(char)
+    return char in NAME_SEPARATORS or category[0] in "LM" or category == "Nd"
+
+
+def _script(char: str) -> str | None:
+    """Return the script of a letter, digit or mark; ``None`` for ASCII and separators."""
+    if char.isascii() and not char.isalpha():
+        return None  # digits and separators go with every script
+    word = unicodedata.name(char, "UNKNOWN").split()[0]
+    return _SCRIPT_ALIASES.get(word, word)
 
 
 # --- Lines from the server ---------------------------------------------------

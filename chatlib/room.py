@@ -26,7 +26,9 @@ not thread-safe; a threaded engine calls it under one lock.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import ipaddress
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chatlib.protocol import (
@@ -36,21 +38,36 @@ from chatlib.protocol import (
     LineFramer,
     encode_line,
     format_notice,
+    name_key,
     name_problem,
+    normalize_name,
     parse_command,
 )
 
-__all__ = ["LIFECYCLE", "LINGER", "Connection", "Limits", "Room", "State"]
+__all__ = [
+    "LIFECYCLE",
+    "LINGER",
+    "PER_ADDRESS_BEYOND_LOOPBACK",
+    "Connection",
+    "Limits",
+    "Room",
+    "State",
+]
 
 #: How long a leaving client has, from the moment it leaves the room, to read
 #: its last lines (its goodbye) and end its side before it is cut off. It
 #: also bounds how long stopping a server takes.
 LINGER = 1.0
 
+#: ``--max-per-address`` for a server that listens beyond loopback, unless
+#: set: a class behind one NAT shares an address, one student should not
+#: hold the whole room.
+PER_ADDRESS_BEYOND_LOOPBACK = 10
 
-def _limit(default: float, help: str) -> Any:
+
+def _limit(default: float | None, help: str, type: type = float) -> Any:
     """Declare a limit with its default and the help ``--help`` shows for it."""
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "type": type})
 
 
 @dataclass(frozen=True)
@@ -62,20 +79,34 @@ class Limits:
     ``docs/protocol.md`` explains where each default comes from.
     """
 
-    max_clients: int = _limit(100, "clients at once; one more is told the server is full")
+    max_clients: int = _limit(100, "clients at once; one more is told the server is full", int)
+    # IRC servers' connection classes limit clients per host; Redis has maxclients only.
+    max_per_address: int | None = _limit(
+        None,
+        "clients at once from one IP address (one IPv6 /64); one more is told why; 0: no"
+        f" limit (default: {PER_ADDRESS_BEYOND_LOOPBACK} when listening beyond loopback, 0 on"
+        " loopback)",
+        int,
+    )
     # IRC's lines are 512 bytes (RFC 1459, section 2.3).
     max_line: int = _limit(
-        512, "longest line in bytes, without its ending; longer ones are refused"
+        512, "longest line in bytes, without its ending; longer ones are refused", int
     )
     # IRC servers drop clients past 100 KB to 1 MiB ("SendQ exceeded"): we take the top.
     sendq: int = _limit(
-        1024 * 1024, "bytes queued for a client that does not read before it is dropped"
+        1024 * 1024, "bytes queued for a client that does not read before it is dropped", int
     )
     # IRC servers allow about a burst of five to ten lines, then one or two a second.
     rate: float = _limit(
-        2.0, "lines a second per client after the burst; 0 turns flood control off"
+        2.0,
+        "lines a second per client after the burst, and joins and leaves a second per"
+        " address that reconnects; 0 turns flood control off",
     )
-    burst: int = _limit(10, "lines a client may send at once before --rate applies")
+    burst: int = _limit(10, "lines a client may send at once before --rate applies", int)
+    # IRC servers ping idle clients and drop them after a few minutes.
+    idle_timeout: float = _limit(
+        0.0, "seconds a client may go without sending a line before it is closed; 0: never"
+    )
 
     def __post_init__(self) -> None:
         """Refuse limits that would make the server useless; raise ValueError."""
@@ -84,9 +115,27 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.rate < 0:
             raise ValueError(f"rate must be 0 (no flood control) or more, not {self.rate}")
+        if self.idle_timeout < 0:
+            raise ValueError(f"idle_timeout must be 0 (none) or more, not {self.idle_timeout}")
+        if self.max_per_address is not None and self.max_per_address < 0:
+            raise ValueError(
+                f"max_per_address must be 0 (none) or more, not {self.max_per_address}"
+            )
         if self.sendq < self.max_line:
             # Then one line of one client, sent to everyone, drops everyone.
             raise ValueError(f"sendq ({self.sendq}) must be at least max_line ({self.max_line})")
+
+    def for_listener(self, host: str) -> Limits:
+        """Return these limits for a server listening on *host*, an IP address.
+
+        ``max_per_address`` unset becomes :data:`PER_ADDRESS_BEYOND_LOOPBACK`
+        beyond loopback, and 0 (none) on loopback, where every client, a
+        whole class of notebooks and tests included, comes from 127.0.0.1.
+        """
+        if self.max_per_address is not None:
+            return self
+        loopback = ipaddress.ip_address(host).is_loopback
+        return replace(self, max_per_address=0 if loopback else PER_ADDRESS_BEYOND_LOOPBACK)
 
 
 class State(enum.Enum):
@@ -136,7 +185,10 @@ class Connection:
     """
 
     __slots__ = (
+        "_flood_until",
         "_framer",
+        "_idle_at",
+        "_last_line_at",
         "_outgoing",
         "_overlong_reported",
         "_peer_eof",
@@ -145,6 +197,7 @@ class Connection:
         "_tokens_at",
         "_unsent",
         "_warned_flood",
+        "address",
         "cut_off",
         "deadline",
         "name",
@@ -152,22 +205,24 @@ class Connection:
         "state",
     )
 
-    def __init__(self, room: Room, peer: object, name: str) -> None:
+    def __init__(self, room: Room, peer: object, name: str, now: float) -> None:
         #: Whatever the engine passed to :meth:`Room.connect`, for its logs.
         self.peer = peer
+        #: Where the client comes from, as the per-address limits count it.
+        self.address = _address_of(peer)
         #: The client's current name in the room.
         self.name = name
         #: See :class:`State`.
         self.state = State.OPEN
         #: When to call :meth:`Room.deadline_reached`, or ``None``. While the
-        #: connection is ``OPEN`` it means the client is over its flood budget
-        #: (and :attr:`reading` is false); once it leaves, it is when the
-        #: client is cut off if it has not ended its side.
+        #: connection is ``OPEN``, the room checks then whether the client
+        #: may go on after a flood, or has been idle too long; once it leaves,
+        #: it is when the client is cut off if it has not ended its side.
         self.deadline: float | None = None
         #: Whether a ``CLOSED`` connection ended without a clean goodbye: the
         #: engine closes it with a reset, so the kernel keeps nothing for it.
         self.cut_off = False
-        self._framer = LineFramer(room.limits.max_line)
+        self._framer = LineFramer(room.limits.max_line, telnet=True)
         self._overlong_reported = 0
         self._peer_eof = False
         self._outgoing: list[bytes] = []
@@ -176,6 +231,9 @@ class Connection:
         self._tokens = float(room.limits.burst)
         self._tokens_at: float | None = None  # when _tokens was last topped up
         self._warned_flood = False
+        self._flood_until: float | None = None  # over its budget: not read until then
+        self._last_line_at = now
+        self._idle_at: float | None = None  # when to check whether it is idle
 
     @property
     def reading(self) -> bool:
@@ -190,7 +248,7 @@ class Connection:
         """
         if self._peer_eof or self.state is State.CLOSED:
             return False
-        return self.state is not State.OPEN or self.deadline is None
+        return self.state is not State.OPEN or self._flood_until is None
 
     def data_to_send(self) -> bytes:
         """Return everything queued for this client and empty the queue.
@@ -213,31 +271,50 @@ class Room:
     """Everyone connected to one server, and the rules of the chat."""
 
     def __init__(self, limits: Limits | None = None) -> None:
+        #: The room's limits; ``max_per_address`` unset means none (see
+        #: :meth:`Limits.for_listener`).
         self.limits = limits or Limits()
-        # casefold()ed name -> connection: names are unique ignoring case.
+        # name_key(name) -> connection: no two names look alike.
         self._members: dict[str, Connection] = {}
+        self._per_address: dict[object, int] = {}  # members from each address
+        # address -> (tokens, when): the flood budget that the connections
+        # from an address left behind, so that reconnecting does not refill
+        # it (IRC's throttle). Oldest first; an entry goes once it would be
+        # full again.
+        self._budgets: dict[object, tuple[float, float]] = {}
         self._ready: dict[Connection, None] = {}  # an ordered set
         # Connections past their send queue, dropped once the fan-out that
         # pushed them over is done (Redis's CLIENT_CLOSE_ASAP): a drop tells
         # the others, and telling them inside the fan-out would re-enter it.
         self._over_limit: dict[Connection, None] = {}
         self._guest_number = 0
+        self._clock = float("-inf")  # the latest time a caller gave
 
     # --- Public methods -------------------------------------------------
 
     def connect(self, peer: object, now: float) -> Connection:
         """Let a new client in and return its connection.
 
-        When the room is full, the connection comes back ``CLOSING`` with
-        a line saying so: the engine sends it and closes, as for any other.
+        *peer* is the client's ``(host, port)``; the per-address limits count
+        its host. When the room is full, when the address has as many
+        members as ``max_per_address`` allows, or when it reconnects faster
+        than its flood budget allows, the connection comes back ``CLOSING``
+        with a line saying why: the engine sends it and closes, as for any
+        other.
         """
-        conn = Connection(self, peer, self._new_guest_name())
-        if len(self._members) >= self.limits.max_clients:
-            self._send(conn, f"*** Sorry, the server is full ({self.limits.max_clients} clients).")
+        self._clock = now
+        conn = Connection(self, peer, self._new_guest_name(), now)
+        refusal = self._refusal(conn, now)
+        if refusal:
+            self._send(conn, f"*** Sorry, {refusal}.")
             self._move(conn, "leave", now)
         else:
             self._broadcast("*** " + format_notice("joined", name=conn.name))
-            self._members[conn.name.casefold()] = conn
+            self._members[name_key(conn.name)] = conn
+            self._per_address[conn.address] = self._per_address.get(conn.address, 0) + 1
+            if self.limits.idle_timeout:
+                conn._idle_at = now + self.limits.idle_timeout
+                self._reschedule(conn)
             self._send(conn, "*** " + format_notice("welcome", name=conn.name))
             self._send_members(conn)
         self._drop_over_limit()
@@ -246,10 +323,15 @@ class Room:
     def receive_data(self, conn: Connection, data: bytes, now: float) -> None:
         """Handle *data* read from *conn*'s socket at time *now* (seconds).
 
-        A connection that is leaving has its input dropped.
+        A connection that is leaving has its input dropped. Telnet's option
+        requests are answered (refused) at once, even while flood control
+        holds the client's lines back.
         """
+        self._clock = now
         if conn.state is State.OPEN:
             conn._framer.feed(data)
+            if replies := conn._framer.take_telnet_replies():
+                self._queue([conn], replies)
             self._process(conn, now)
             self._drop_over_limit()
 
@@ -262,6 +344,7 @@ class Room:
         """
         if conn.state is State.CLOSED:
             return
+        self._clock = now
         conn._peer_eof = True
         self._ready[conn] = None  # reading has stopped
         if conn.state is State.OPEN:
@@ -297,10 +380,14 @@ class Room:
         """
         if conn.deadline is None or conn.deadline > now:
             return
-        if conn.state is State.OPEN:
-            self._process(conn, now)  # the flood budget has refilled
-        else:
+        self._clock = now
+        if conn.state is not State.OPEN:
             self._move(conn, "cut off")
+        else:
+            if conn._flood_until is not None and conn._flood_until <= now:
+                self._process(conn, now)  # the flood budget has refilled
+            if conn._idle_at is not None and conn._idle_at <= now:
+                self._check_idle(conn, now)
         self._drop_over_limit()
 
     def connection_lost(self, conn: Connection) -> None:
@@ -315,8 +402,10 @@ class Room:
 
     def shut_down(self, now: float) -> None:
         """Say goodbye to everyone: every member becomes ``CLOSING``."""
+        self._clock = now
         leaving = list(self._members.values())
         self._members.clear()  # nobody is told about the others leaving
+        self._per_address.clear()
         for conn in leaving:
             self._send(conn, "*** The server is shutting down. Bye!")
             self._move(conn, "leave", now)
@@ -343,15 +432,16 @@ class Room:
     def _process(self, conn: Connection, now: float) -> None:
         """Handle *conn*'s complete lines as far as its flood budget allows."""
         framer = conn._framer
-        if conn.deadline is not None:
-            conn.deadline = None
-            self._ready[conn] = None  # reading resumes
+        if conn._flood_until is not None:
+            conn._flood_until = None
+            self._reschedule(conn)  # reading resumes
         while conn.state is State.OPEN and framer.has_line():
             if not self._take_token(conn, now):
                 return
             line = framer.next_line()
             self._report_overlong(conn)
             if line is not None and line.strip():
+                conn._last_line_at = now
                 self._dispatch(conn, parse_command(line), now)
         self._report_overlong(conn)  # an endless line shows up before its end
         if conn._peer_eof and conn.state is State.OPEN:
@@ -381,8 +471,8 @@ class Room:
             if conn._tokens >= burst - 1:
                 conn._warned_flood = False
             return True
-        conn.deadline = now + (1 - conn._tokens) / rate
-        self._ready[conn] = None  # reading stops until then
+        conn._flood_until = now + (1 - conn._tokens) / rate
+        self._reschedule(conn)  # reading stops until then
         if not conn._warned_flood:
             conn._warned_flood = True
             self._send(
@@ -391,11 +481,86 @@ class Room:
             )
         return False
 
+    def _check_idle(self, conn: Connection, now: float) -> None:
+        """Close *conn* if it sent no line for ``idle_timeout``; else check again later."""
+        timeout = self.limits.idle_timeout
+        if conn._framer.has_line():
+            conn._idle_at = now + timeout  # its lines wait for flood control: not idle
+        elif now - conn._last_line_at < timeout:
+            conn._idle_at = conn._last_line_at + timeout
+        else:
+            # Bytes with no newline (a slowloris) count as nothing.
+            self._send(conn, f"*** Closing: you sent nothing for {timeout:g} s (the idle timeout).")
+            self._leave(conn, now, " (idle)")
+            return
+        self._reschedule(conn)
+
+    def _reschedule(self, conn: Connection) -> None:
+        """Set an ``OPEN`` connection's deadline to the first check it needs."""
+        checks = [when for when in (conn._flood_until, conn._idle_at) if when is not None]
+        conn.deadline = min(checks, default=None)
+        self._ready[conn] = None  # the deadline, or whether to read, has changed
+
+    def _refusal(self, conn: Connection, now: float) -> str | None:
+        """Return why *conn* may not come in, or ``None``; give it its flood budget."""
+        limits = self.limits
+        if len(self._members) >= limits.max_clients:
+            return f"the server is full ({limits.max_clients} clients)"
+        if limits.max_per_address and (
+            self._per_address.get(conn.address, 0) >= limits.max_per_address
+        ):
+            return f"too many connections from your address ({limits.max_per_address})"
+        if limits.rate <= 0 or conn.address not in self._budgets:
+            return None  # no recent churn from there: a full budget
+        tokens = self._budget_left(conn.address, now)
+        if tokens < 1:
+            wait = math.ceil((1 - tokens) / limits.rate)
+            return f"you are reconnecting too fast; try again in {wait} s"
+        # Its "joined" notice is a line on everyone's screen: it costs a line.
+        tokens -= 1
+        self._keep_budget(conn.address, tokens, now)
+        conn._tokens, conn._tokens_at = tokens, now
+        return None
+
+    def _budget_left(self, address: object, now: float) -> float:
+        """Return the flood budget that the recent connections from *address* left."""
+        tokens, when = self._budgets[address]
+        return min(self.limits.burst, tokens + (now - when) * self.limits.rate)
+
+    def _keep_budget(self, address: object, tokens: float, now: float) -> None:
+        self._budgets.pop(address, None)
+        self._budgets[address] = (tokens, now)  # now the newest
+        # Forget the budgets that are full again: they are never below -1, so
+        # that is this long after they were kept. The newest stays.
+        refill_time = (self.limits.burst + 1) / self.limits.rate
+        while (oldest := next(iter(self._budgets))) != address:
+            if self._budgets[oldest][1] + refill_time > now:
+                break
+            del self._budgets[oldest]
+
+    def _remove_member(self, conn: Connection) -> None:
+        """Take *conn* out of the member lists; keep the flood budget it leaves behind."""
+        del self._members[name_key(conn.name)]
+        count = self._per_address.pop(conn.address) - 1
+        if count:
+            self._per_address[conn.address] = count
+        if self.limits.rate > 0:
+            # A reset has no time of its own: the room's clock is the last
+            # time it was given, which errs on the side of less refill.
+            now, rate, burst = self._clock, self.limits.rate, self.limits.burst
+            tokens = conn._tokens
+            if conn._tokens_at is not None:
+                tokens = min(burst, tokens + (now - conn._tokens_at) * rate)
+            if conn.address in self._budgets:
+                tokens = min(tokens, self._budget_left(conn.address, now))
+            # The "left" notice costs a line too.
+            self._keep_budget(conn.address, tokens - 1, now)
+
     def _new_guest_name(self) -> str:
         while True:
             self._guest_number += 1
             name = f"guest{self._guest_number}"
-            if name not in self._members:  # someone may have picked it
+            if name_key(name) not in self._members:  # someone may have picked it
                 return name
 
     def _dispatch(self, conn: Connection, command: Command, now: float) -> None:
@@ -408,7 +573,8 @@ class Room:
         known = command.name == "say" or command.name in COMMANDS
         handler = getattr(self, "_do_" + command.name) if known else None
         if handler is None:
-            self._send(conn, f"!!! Unknown command /{command.name}. Type /help for the list.")
+            unknown = "!!! Unknown command /{}. Type /help for the list."
+            self._send_fitted(conn, unknown, command.name)
         else:
             handler(conn, command.args)
 
@@ -426,25 +592,32 @@ class Room:
         text = text.strip()
         if not name or not text:
             self._send_usage(conn, "msg")
-        elif (target := self._members.get(name.casefold())) is None:
-            self._send(conn, f"!!! Nobody here is called {name}.")
+        elif (target := self._members.get(name_key(name))) is None:
+            self._send_fitted(conn, "!!! Nobody here is called {}.", name)
         else:
             self._send(target, f"*{conn.name}* {text}")
             if target is not conn:
                 self._send(conn, f"-> *{target.name}* {text}")
 
     def _do_nick(self, conn: Connection, name: str) -> None:
+        name = normalize_name(name)
+        holder = self._members.get(name_key(name))
         if not name:
             self._send_usage(conn, "nick")
         elif problem := name_problem(name):
             self._send(conn, f"!!! {problem} Your name is still {conn.name}.")
-        elif name.casefold() in self._members and self._members[name.casefold()] is not conn:
-            self._send(conn, f"!!! The name {name} is taken. Your name is still {conn.name}.")
+        elif holder is not None and holder is not conn:
+            taken = (
+                "is taken"
+                if holder.name.casefold() == name.casefold()
+                else f"looks too much like {holder.name}, who is here"
+            )
+            self._send(conn, f"!!! The name {name} {taken}. Your name is still {conn.name}.")
         elif name != conn.name:
             old = conn.name
             conn.name = name
             # Rebuild rather than delete and insert: /who keeps arrival order.
-            self._members = {member.name.casefold(): member for member in self._members.values()}
+            self._members = {name_key(member.name): member for member in self._members.values()}
             self._broadcast("*** " + format_notice("renamed", old=old, name=name))
 
     def _do_who(self, conn: Connection, args: str) -> None:
@@ -455,6 +628,13 @@ class Room:
         for usage, meaning in COMMANDS.values():
             self._send(conn, f"***   {usage:<16} {meaning}")
         self._send(conn, "***   (start a message with // to say something that starts with /)")
+
+    def _send_fitted(self, conn: Connection, template: str, echo: str) -> None:
+        """Send *template* with what the client typed in it, cut to fit ``max_line``."""
+        room_left = self.limits.max_line - len(template.format("").encode())
+        if len(echo.encode()) > room_left:
+            echo = echo.encode()[: max(0, room_left - 3)].decode(errors="ignore") + "…"
+        self._send(conn, template.format(echo))
 
     def _send_usage(self, conn: Connection, command: str) -> None:
         usage, meaning = COMMANDS[command]
@@ -480,15 +660,15 @@ class Room:
 
     def _leave(self, conn: Connection, now: float, reason: str = "") -> None:
         """Take *conn* out of the room to say goodbye, and tell the others."""
-        del self._members[conn.name.casefold()]
+        self._remove_member(conn)
         self._move(conn, "leave", now)
         self._broadcast("*** " + format_notice("left", name=conn.name, reason=reason))
 
     def _cut_off(self, conn: Connection, reason: str = "") -> None:
         """End *conn* at once, without a goodbye; tell the others if it was in the room."""
-        was_member = self._members.get(conn.name.casefold()) is conn
+        was_member = self._members.get(name_key(conn.name)) is conn
         if was_member:
-            del self._members[conn.name.casefold()]
+            self._remove_member(conn)
         conn.data_to_send()  # nobody will read it
         conn._unsent = 0
         self._move(conn, "cut off")
@@ -544,3 +724,23 @@ class Room:
                 # A client that does not read must not make the server hold an
                 # ever-growing backlog: drop it, as IRC's "SendQ exceeded" does.
                 self._cut_off(conn, " (send queue exceeded)")
+
+
+def _address_of(peer: object) -> object:
+    """Return what the per-address limits count *peer*, a ``(host, port)``, as.
+
+    That is its host, except that an IPv6 host counts as its /64: one
+    machine is handed a whole /64, and could take a fresh address for every
+    connection (ergo's IRC server limits IPv6 clients by /64 for the same
+    reason). An IPv4 client on a dual-stack socket counts as its IPv4 address.
+    """
+    host = peer[0] if isinstance(peer, tuple) else peer
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an address: a label a test gave
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)

@@ -169,14 +169,15 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
     for limit in dataclasses.fields(Limits):
         parser.add_argument(
             "--" + limit.name.replace("_", "-"),
-            type=type(limit.default),
-            default=limit.default,
+            type=limit.metadata["type"],
+            # A limit whose default depends on --host says so in its help.
+            default=argparse.SUPPRESS if limit.default is None else limit.default,
             help=limit.metadata["help"],
         )
     args = parser.parse_args(argv)
     try:
         limits = Limits(
-            **{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)}
+            **{field.name: getattr(args, field.name, None) for field in dataclasses.fields(Limits)}
         )
     except ValueError as error:
         parser.error(str(error).replace("_", "-"))  # the usage, the reason, and status 2

@@ -398,7 +398,8 @@ def test_many_short_lines_do_not_accumulate_in_memory(start_server, connect):
 def test_invalid_utf8_comes_out_as_valid_utf8(start_server, connect):
     server = start_server()
     sender, reader = connect(server), connect(server)
-    sender.send(b"bad \xff\xfe \xc3( \xed\xa0\x80 \xc0\xaf end\n")
+    # Not 0xFF: that is Telnet's command byte (see the Telnet tests).
+    sender.send(b"bad \xfe\xfe \xc3( \xed\xa0\x80 \xc0\xaf end\n")
     sender.send(b"/me \xf0\x9f\x98\n")
     sender.send(b"/nick caf\xe9\n")
     lines = sync(sender, reader, sender)  # LineClient decodes strictly: bad UTF-8 fails

@@ -234,7 +234,9 @@ def _start_unread(engine: str) -> tuple[subprocess.Popen, int]:
     # blocked on the pipe made the interpreter abort at exit.
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatlib.server", "--engine", engine, "--port", str(port)],
+        # --rate 0: the test churns connections, which flood control by address throttles.
+        [sys.executable, "-m", "chatlib.server", "--engine", engine, "--port", str(port)]
+        + ["--rate", "0"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -36,6 +36,7 @@ from chatlib.engines.base import (
     ServerBase,
     out_of_resources,
     reset_on_close,
+    set_keepalive,
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
@@ -225,6 +226,7 @@ class ChatServer(ServerBase):
         # asyncio turns Nagle's algorithm off itself only for sockets whose
         # proto is IPPROTO_TCP, and socket.create_server() leaves it 0.
         set_nodelay(transport.get_extra_info("socket"))
+        set_keepalive(transport.get_extra_info("socket"))
         # Pause writing as soon as the kernel refuses part of a write, as
         # the selectors engine keeps its "unsent" bytes: a slow client's
         # backlog then waits in the room, which enforces the send queue.

@@ -33,6 +33,7 @@ from chatlib.engines.base import (
     ServerBase,
     out_of_resources,
     reset_on_close,
+    set_keepalive,
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
@@ -143,6 +144,7 @@ class ChatServer(ServerBase):
 
     def _accept(self, sock: socket.socket, address: tuple) -> None:
         set_nodelay(sock)
+        set_keepalive(sock)
         sock.setblocking(False)
         client = _Client(sock, address[:2])
         conn = self.room.connect(client.peer, time.monotonic())

@@ -14,8 +14,9 @@ arrives to the room. But no thread ever waits to send to someone else:
   needed, which may block in ``sendall()``: that delays this one client,
   whose lines meanwhile pile up in the room until the send-queue limit drops
   it. A client that keeps up costs one thread, its reader;
-- the sender also keeps the deadline of every leaving client, and cuts off
-  whoever is still there when it passes: no thread waits without a bound;
+- the sender also keeps every connection's deadline: it cuts off a leaving
+  client still there when it passes, so no thread waits without a bound,
+  and it lets the room close idle clients whose readers wait in ``recv()``;
 - the *acceptor* answers a full server's refusals itself, with a selector,
   so a client turned away costs no thread of its own (Apache's event MPM
   hands its lingering closes to its listener thread the same way).
@@ -42,6 +43,7 @@ from chatlib.engines.base import (
     log,
     out_of_resources,
     reset_on_close,
+    set_keepalive,
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
@@ -112,7 +114,7 @@ class ChatServer(ServerBase):
         self._round = 0  # the round that takes what the room queues now
         self._rounds_sent = -1
         self._clients: dict[Connection, _Client] = {}
-        # (deadline, tie-breaker, connection): leaving clients, earliest first.
+        # (deadline, tie-breaker, connection), earliest first.
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._deadline_ids = itertools.count()
         # The acceptor's selector: the listener, the wake-up socket, and the
@@ -187,6 +189,7 @@ class ChatServer(ServerBase):
 
     def _accept(self, sock: socket.socket, address: tuple) -> None:
         set_nodelay(sock)
+        set_keepalive(sock)
         # Blocking, whatever socket.setdefaulttimeout() an application set:
         # a timeout would drop idle clients.
         sock.settimeout(None)
@@ -280,7 +283,7 @@ class ChatServer(ServerBase):
                     self._round_sent.notify_all()
                     if self._stopping.is_set() and not self._clients:
                         return
-                    if not self._cut_off_late():
+                    if not self._reach_deadlines():
                         self._news.wait(self._time_to_next_deadline())
                 output = self._act_on_ready(ready)
                 this_round = self._round
@@ -406,7 +409,9 @@ class ChatServer(ServerBase):
             if conn.state is State.CLOSED:
                 _cut(client.sock)  # the reader and the writer wake, and finish it
                 continue
-            if conn.state is not State.OPEN and conn.deadline != client.timer_at:
+            # The reader keeps a flood deadline itself; the sender keeps them
+            # all, for the idle timeout of a reader blocked in recv().
+            if conn.deadline is not None and conn.deadline != client.timer_at:
                 client.timer_at = conn.deadline
                 heapq.heappush(self._deadlines, (conn.deadline, next(self._deadline_ids), conn))
             if client.slow:
@@ -420,7 +425,7 @@ class ChatServer(ServerBase):
                 output.append((conn, client, data, last))
         return output
 
-    def _cut_off_late(self) -> bool:
+    def _reach_deadlines(self) -> bool:
         """Tell the room about every deadline that has passed; return whether any had."""
         now = time.monotonic()
         passed = False

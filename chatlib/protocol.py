@@ -406,10 +406,18 @@ def _is_letter_or_digit(char: str) -> bool:
     return unicodedata.category(char)[0] == "L" or unicodedata.category(char) == "Nd"
 
 
+# Letters that look like punctuation: the click letters (U+01C0 to U+01C3
+# look like |, ||, a crossed bar and !), and the modifier letters, which look
+# like quotes, primes and accents.
+_PUNCTUATION_LETTERS = re.compile(r"[\u01c0-\u01c3\u02b0-\u02ff]")
+
+
 def _is_name_char(char: str) -> bool:
     # Marks (accents, vowel signs) are fine as part of a letter: NFKC leaves
     # them where no precomposed letter exists, as in Devanagari.
     category = unicodedata.category(char)
+    if _PUNCTUATION_LETTERS.match(char):
+        return False
     return char in NAME_SEPARATORS or category[0] in "LM" or category == "Nd"
 
 

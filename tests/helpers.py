@@ -21,7 +21,7 @@ TIMEOUT = 10.0
 
 #: Code points that must never reach a client: C0 controls (the ``\n`` ending is cut off
 #: before the check), DEL, C1 controls, and the bidirectional overrides, isolates and marks
-#: behind "Trojan Source" (CVE-2021-42574).
+#: behind "Trojan Source" (CVE-2021-42574), and the separators some displays break lines at.
 FORBIDDEN = frozenset(
     [
         *range(0x00, 0x20),
@@ -31,6 +31,8 @@ FORBIDDEN = frozenset(
         *range(0x2066, 0x206A),
         0x200E,
         0x200F,
+        0x2028,  # the line and paragraph separators
+        0x2029,
     ]
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import tracemalloc
+import unicodedata
 
 import pytest
 from hypothesis import given, settings
@@ -18,7 +19,9 @@ from chatlib.protocol import (
     ServerLine,
     encode_line,
     format_notice,
+    name_key,
     name_problem,
+    normalize_name,
     parse_command,
     parse_notice,
     parse_server_line,
@@ -454,3 +457,133 @@ def test_any_good_name_round_trips_through_notices_and_lines(name):
     assert parse_notice(format_notice("joined", name=name)) == ("joined", {"name": name})
     assert parse_server_line(f"<{name}> hi") == ServerLine("message", "hi", name)
     assert parse_server_line(f"* {name} hi") == ServerLine("action", "hi", name)
+
+
+# --- Telnet ----------------------------------------------------------------------
+
+IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
+TELNET_STREAM = (
+    b"hi "
+    + bytes([IAC, WILL, 24])  # terminal type: refused with DONT
+    + bytes([IAC, SB, 24, 0]) + b"vt100" + bytes([IAC, IAC, IAC, SE])  # dropped whole
+    + bytes([IAC, 244, IAC, DO, 6])  # Ctrl-C: IP, then DO TIMING-MARK: refused with WONT
+    + bytes([IAC, WONT, 1, IAC, DONT, 3])  # refusals are never answered
+    + bytes([IAC, IAC])  # a 0xFF byte: never text in UTF-8
+    + b"there\r\n"
+)  # fmt: skip
+
+
+def test_telnet_commands_are_taken_out_and_options_refused():
+    framer = LineFramer(512, telnet=True)
+    framer.feed(TELNET_STREAM)
+    assert drain(framer) == ["hi there"]
+    assert framer.take_telnet_replies() == bytes([IAC, DONT, 24, IAC, WONT, 6])
+    assert framer.take_telnet_replies() == b""
+
+
+@settings(deadline=None)  # a shared machine may pause any example
+@given(st.sets(st.integers(1, len(TELNET_STREAM) - 1)))
+def test_telnet_commands_cut_anywhere_by_reads_give_the_same_result(cuts):
+    framer = LineFramer(512, telnet=True)
+    points = [0, *sorted(cuts), len(TELNET_STREAM)]
+    replies = b""
+    for start, end in itertools.pairwise(points):
+        framer.feed(TELNET_STREAM[start:end])
+        replies += framer.take_telnet_replies()
+    assert drain(framer) == ["hi there"]
+    assert replies == bytes([IAC, DONT, 24, IAC, WONT, 6])
+
+
+def test_an_endless_subnegotiation_costs_no_memory():
+    framer = LineFramer(512, telnet=True)
+    framer.feed(bytes([IAC, SB, 24]))
+    for _ in range(1000):
+        framer.feed(b"x" * 1000)
+    assert framer.buffered == 0
+    framer.feed(bytes([IAC, SE]) + b"back\n")
+    assert drain(framer) == ["back"]
+
+
+def test_a_client_framer_leaves_0xff_to_the_decoder():
+    framer = LineFramer(512)
+    framer.feed(bytes([IAC, DO, 6]) + b"x\n")
+    assert drain(framer) == ["\ufffd\ufffd^Fx"]
+    assert framer.take_telnet_replies() == b""
+
+
+def test_line_and_paragraph_separators_are_neutralised():
+    assert sanitize("a\u2028*** b\u2029c") == "a\ufffd*** b\ufffdc"
+
+
+# --- Names that cannot pass for others ---------------------------------------------
+
+GOOD_NAMES = [
+    "José",
+    "Zoë",
+    "李雷",
+    "Дмитрий",
+    "やまだ太郎",
+    "김철수",
+    "नमस्ते",
+    "محمد",
+    "a.b-c_d",
+    "R2D2",
+]
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_names_of_one_script_are_fine(name):
+    assert name_problem(normalize_name(name)) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u0430lice",  # Cyrillic a among Latin letters
+        "alice\u034f",  # combining grapheme joiner
+        "alice\ufe0f",  # variation selector 16
+        "\u3164",  # Hangul filler
+        "\u115f\u1160",
+        "a\u200bb",  # zero-width space
+        "a\U000e0041b",  # a tag character
+        "\u2217",  # asterisk operator, and other lookalikes of the line markers
+        "\u204e",
+        "\u2731",
+        "x\u01c3",  # Latin letter retroflex click, which looks like !
+        "x,admin",
+        "x\u2800admin",  # braille blank
+        "-x",
+        ".",
+        "a\u02bcb",  # modifier letter apostrophe
+    ],
+)
+def test_lookalikes_and_invisible_characters_are_refused(name):
+    assert name_problem(normalize_name(name))
+
+
+def test_nfkc_makes_compatibility_forms_plain():
+    assert normalize_name("\uff41\uff4c\uff49\uff43\uff45") == "alice"
+    assert normalize_name("\uff0a") == "*"  # and then refused
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ALICE", "a1ice", "\u0430\u04cf\u0456\u0441\u0435", "\uff41lice", "\U0001d41alice"],
+)
+def test_names_that_look_alike_have_one_key(name):
+    assert name_key(name) == name_key("alice")
+
+
+def test_different_names_have_different_keys():
+    assert len({name_key(name) for name in [*GOOD_NAMES, "alice", "bob", "alicia"]}) == 13
+
+
+@settings(deadline=None)  # a shared machine may pause any example
+@given(st.text(min_size=1, max_size=MAX_NAME_LENGTH))
+def test_no_accepted_name_holds_a_space_symbol_or_punctuation_but_the_separators(name):
+    name = normalize_name(name)
+    if name_problem(name) is None:
+        for char in name:
+            category = unicodedata.category(char)
+            assert char in "-_." or category[0] in "LMN", f"{char!r} ({category}) in {name!r}"
+            assert category not in ("Cf", "Zs", "So"), name

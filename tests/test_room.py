@@ -692,3 +692,136 @@ def test_a_huge_member_list_is_cut_short_to_what_clients_accept():
     shown = fields["names"].split(", ")
     assert shown == room.members[: len(shown)]
     assert int(fields["more"]) == count - len(shown) > 0
+
+
+# --- The door: per-address limits, idle clients, reconnects, names -----------------------
+
+ALICE_AT = ("192.0.2.7", 1000)  # a documentation address (RFC 5737)
+
+
+def test_the_per_address_limit_counts_members_and_frees_their_places():
+    driver = RoomDriver(max_per_address=2, **NO_FLOOD)
+    first, second = driver.connect(ALICE_AT), driver.connect(("192.0.2.7", 1001))
+    third = driver.connect(("192.0.2.7", 1002))
+    assert driver.take(third) == ["*** Sorry, too many connections from your address (2)."]
+    assert third.state is not State.OPEN
+    assert driver.connect(("192.0.2.8", 1000)).state is State.OPEN  # another address
+    driver.say(first, "/quit")
+    assert driver.connect(("192.0.2.7", 1003)).state is State.OPEN
+    assert second.state is State.OPEN
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "same"),
+    [
+        ("2001:db8::1", "2001:db8::ffff", True),  # one /64: one machine's addresses
+        ("2001:db8::1", "2001:db8:0:1::1", False),
+        ("::ffff:192.0.2.7", "192.0.2.7", True),  # IPv4 on a dual-stack socket
+        ("192.0.2.7", "192.0.2.8", False),
+    ],
+)
+def test_an_address_is_an_ipv4_host_or_an_ipv6_slash_64(one, other, same):
+    driver = RoomDriver(max_per_address=1, **NO_FLOOD)
+    driver.connect((one, 1000))
+    assert (driver.connect((other, 1001)).state is State.OPEN) is not same
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [("127.0.0.1", 0), ("::1", 0), ("0.0.0.0", 10), ("::", 10), ("192.0.2.7", 10)],
+)
+def test_the_per_address_limit_is_on_beyond_loopback_unless_set(host, expected):
+    assert Limits().for_listener(host).max_per_address == expected
+    assert Limits(max_per_address=3).for_listener(host).max_per_address == 3
+
+
+def test_a_reconnect_inherits_the_budget_its_address_left():
+    driver = RoomDriver(rate=2, burst=10)
+    flooder = driver.connect(ALICE_AT)
+    driver.say(flooder, *[f"spam {i}" for i in range(9)], "/quit")
+    assert driver.take(flooder)[-1] == "*** Bye, guest1!"
+    # Its budget is spent, and its "left" notice cost one more line: -1 line.
+    again = driver.connect(ALICE_AT)
+    assert driver.take(again) == ["*** Sorry, you are reconnecting too fast; try again in 1 s."]
+    driver.now = 1.0  # the budget is +1 again, which the "joined" notice takes
+    back = driver.connect(ALICE_AT)
+    assert back.state is State.OPEN
+    driver.say(back, "hi")
+    assert driver.take(back)[-1].startswith("*** Slow down")
+    elsewhere = driver.connect(("192.0.2.8", 1000))  # other addresses are not held back
+    driver.say(elsewhere, *[f"line {i}" for i in range(10)])
+    assert driver.take(elsewhere)[-1] == "<guest4> line 9"
+
+
+def test_an_address_budget_is_forgotten_once_it_would_be_full_again():
+    driver = RoomDriver(rate=2, burst=10)
+    driver.say(driver.connect(ALICE_AT), "/quit")
+    driver.now = 5.4  # 9 lines left, then 10.8: full again at 5.5 s
+    assert driver.room._budgets
+    driver.now = 5.5
+    driver.say(driver.connect(("192.0.2.8", 1000)), "/quit")  # any change forgets old ones
+    assert list(driver.room._budgets) == ["192.0.2.8"]
+
+
+def test_clients_at_once_from_one_address_each_have_their_own_budget():
+    driver = RoomDriver(rate=2, burst=10)
+    clients = [driver.connect(ALICE_AT) for _ in range(20)]
+    for client in clients:
+        driver.say(client, *[f"line {i}" for i in range(10)])
+    inboxes = driver.take_all()
+    assert all(f"<{client.name}> line 9" in inboxes[clients[0]] for client in clients)
+    assert not [line for inbox in inboxes.values() for line in inbox if "Slow down" in line]
+
+
+def test_a_silent_client_is_closed_after_the_idle_timeout():
+    driver = RoomDriver(idle_timeout=10, **NO_FLOOD)
+    silent, talker = driver.connect(), driver.connect()
+    assert silent.deadline == 10
+    driver.now = 6
+    driver.say(talker, "hello")
+    driver.send(silent, b"no newline, ever")  # a slowloris
+    driver.now = 10
+    driver.deadline_reached(talker)  # too early for the talker: checked again at 16
+    driver.deadline_reached(silent)
+    assert talker.state is State.OPEN and talker.deadline == 16
+    assert driver.take(silent)[-1] == "*** Closing: you sent nothing for 10 s (the idle timeout)."
+    assert silent.state is State.DRAINING
+    assert driver.take(talker)[-1] == "*** guest1 left (idle)."
+
+
+def test_a_client_whose_lines_wait_for_flood_control_is_not_idle():
+    driver = RoomDriver(idle_timeout=1, rate=1, burst=1)
+    flooder = driver.connect()
+    driver.say(flooder, "one", "two", "three")
+    for _ in range(2):  # each second, one line goes, and the idle check moves on
+        driver.now = flooder.deadline
+        driver.deadline_reached(flooder)
+    assert driver.take(flooder)[-1] == "<guest1> three"
+    assert flooder.deadline == 3
+    assert flooder.state is State.OPEN
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u0430lice",  # Cyrillic a in a Latin name
+        "ALICE",
+        "Alice",
+        "a1ice",
+        "\u0430\u04cf\u0456\u0441\u0435",  # all Cyrillic, and looks like alice
+        "\u03b1lice",  # Greek alpha
+        "\uff41\uff4c\uff49\uff43\uff45",  # fullwidth
+        "\U0001d41alice",  # mathematical bold a
+    ],
+)
+def test_a_name_like_a_members_is_taken(trio, driver, name):
+    driver.say(trio[1], f"/nick {name}")
+    error = driver.take(trio[1])[-1]
+    assert error.startswith("!!! ") and error.endswith("Your name is still bob.")
+    assert driver.room.members == ["alice", "bob", "carol"]
+
+
+def test_a_fullwidth_name_is_kept_normalised(driver):
+    conn = driver.connect()
+    driver.say(conn, "/nick \uff4a\uff4f\uff53\uff45")
+    assert driver.room.members == ["jose"]

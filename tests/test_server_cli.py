@@ -233,10 +233,10 @@ def _start_unread(engine: str) -> tuple[subprocess.Popen, int]:
     # Buffered, as in a shell: a log written through sys.stdout's buffer from a thread
     # blocked on the pipe made the interpreter abort at exit.
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    # --rate 0: the test churns connections, which flood control by address throttles.
+    command = ["-m", "chatlib.server", "--engine", engine, "--port", str(port), "--rate", "0"]
     proc = subprocess.Popen(
-        # --rate 0: the test churns connections, which flood control by address throttles.
-        [sys.executable, "-m", "chatlib.server", "--engine", engine, "--port", str(port)]
-        + ["--rate", "0"],
+        [sys.executable, *command],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

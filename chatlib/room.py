@@ -309,6 +309,7 @@ class Room:
             self._send(conn, f"*** Sorry, {refusal}.")
             self._move(conn, "leave", now)
         else:
+            self._inherit_budget(conn, now)
             self._broadcast("*** " + format_notice("joined", name=conn.name))
             self._members[name_key(conn.name)] = conn
             self._per_address[conn.address] = self._per_address.get(conn.address, 0) + 1
@@ -386,7 +387,8 @@ class Room:
         else:
             if conn._flood_until is not None and conn._flood_until <= now:
                 self._process(conn, now)  # the flood budget has refilled
-            if conn._idle_at is not None and conn._idle_at <= now:
+            # (Unless the lines it sent meanwhile made it leave.)
+            if conn.state is State.OPEN and conn._idle_at is not None and conn._idle_at <= now:
                 self._check_idle(conn, now)
         self._drop_over_limit()
 
@@ -463,8 +465,7 @@ class Room:
         rate, burst = self.limits.rate, self.limits.burst
         if rate <= 0:
             return True
-        if conn._tokens_at is not None:
-            conn._tokens = min(burst, conn._tokens + (now - conn._tokens_at) * rate)
+        conn._tokens = self._refilled(conn._tokens, conn._tokens_at, now)
         conn._tokens_at = now
         if conn._tokens >= 1:
             conn._tokens -= 1
@@ -502,7 +503,7 @@ class Room:
         self._ready[conn] = None  # the deadline, or whether to read, has changed
 
     def _refusal(self, conn: Connection, now: float) -> str | None:
-        """Return why *conn* may not come in, or ``None``; give it its flood budget."""
+        """Return why *conn* may not come in, or ``None``."""
         limits = self.limits
         if len(self._members) >= limits.max_clients:
             return f"the server is full ({limits.max_clients} clients)"
@@ -510,22 +511,31 @@ class Room:
             self._per_address.get(conn.address, 0) >= limits.max_per_address
         ):
             return f"too many connections from your address ({limits.max_per_address})"
-        if limits.rate <= 0 or conn.address not in self._budgets:
-            return None  # no recent churn from there: a full budget
-        tokens = self._budget_left(conn.address, now)
-        if tokens < 1:
-            wait = math.ceil((1 - tokens) / limits.rate)
-            return f"you are reconnecting too fast; try again in {wait} s"
-        # Its "joined" notice is a line on everyone's screen: it costs a line.
-        tokens -= 1
-        self._keep_budget(conn.address, tokens, now)
-        conn._tokens, conn._tokens_at = tokens, now
+        if conn.address in self._budgets:
+            tokens = self._budget_left(conn.address, now)
+            if tokens < 1:
+                wait = math.ceil((1 - tokens) / limits.rate)
+                return f"you are reconnecting too fast; try again in {wait} s"
         return None
+
+    def _inherit_budget(self, conn: Connection, now: float) -> None:
+        """Start *conn* with the flood budget its address left, if it left one."""
+        if conn.address in self._budgets:
+            # Its "joined" notice is a line on everyone's screen: it costs one.
+            tokens = self._budget_left(conn.address, now) - 1
+            self._keep_budget(conn.address, tokens, now)
+            conn._tokens, conn._tokens_at = tokens, now
+        # Otherwise nobody from there left lately: a full budget of its own.
 
     def _budget_left(self, address: object, now: float) -> float:
         """Return the flood budget that the recent connections from *address* left."""
-        tokens, when = self._budgets[address]
-        return min(self.limits.burst, tokens + (now - when) * self.limits.rate)
+        return self._refilled(*self._budgets[address], now)
+
+    def _refilled(self, tokens: float, since: float | None, now: float) -> float:
+        """Return a flood budget of *tokens* at *since*, topped up at ``rate`` until *now*."""
+        if since is None:
+            return tokens
+        return min(self.limits.burst, tokens + (now - since) * self.limits.rate)
 
     def _keep_budget(self, address: object, tokens: float, now: float) -> None:
         self._budgets.pop(address, None)
@@ -547,10 +557,8 @@ class Room:
         if self.limits.rate > 0:
             # A reset has no time of its own: the room's clock is the last
             # time it was given, which errs on the side of less refill.
-            now, rate, burst = self._clock, self.limits.rate, self.limits.burst
-            tokens = conn._tokens
-            if conn._tokens_at is not None:
-                tokens = min(burst, tokens + (now - conn._tokens_at) * rate)
+            now = self._clock
+            tokens = self._refilled(conn._tokens, conn._tokens_at, now)
             if conn.address in self._budgets:
                 tokens = min(tokens, self._budget_left(conn.address, now))
             # The "left" notice costs a line too.

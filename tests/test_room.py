@@ -825,3 +825,18 @@ def test_a_fullwidth_name_is_kept_normalised(driver):
     conn = driver.connect()
     driver.say(conn, "/nick \uff4a\uff4f\uff53\uff45")
     assert driver.room.members == ["jose"]
+
+
+def test_a_held_quit_and_the_idle_check_falling_due_together_leave_once():
+    # Planted bug: the idle check ran after the held /quit had taken the client out, and
+    # gave the leaving client an idle deadline instead of its LINGER.
+    driver = RoomDriver(idle_timeout=0.5, rate=1, burst=1)
+    quitter, other = driver.connect(), driver.connect()
+    driver.say(quitter, "one", "/quit")
+    for now in (0.5, 1.0):  # the idle check (moved on: a line waits), then both at once
+        assert quitter.deadline == now
+        driver.now = now
+        driver.deadline_reached(quitter)
+    assert driver.take(quitter)[-1] == "*** Bye, guest1!"
+    assert driver.take(other)[-1] == "*** guest1 left."
+    assert quitter.deadline == 1.0 + LINGER

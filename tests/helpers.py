@@ -97,7 +97,11 @@ class LineClient:
         # Every send() becomes its own packet: lines split across sends reach the server split.
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(timeout)
-        self.sock.connect(address)
+        try:
+            self.sock.connect(address)
+        except OSError:
+            self.sock.close()  # a server that resets at once can fail the connect itself
+            raise
         self.timeout = timeout
         self.received: list[str] = []
         self.name: str | None = None

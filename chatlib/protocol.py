@@ -490,6 +490,15 @@ NOTICES = {
         "{old} is now known as {name}.",
         re.compile(rf"(?P<old>[^\s<>*]+) is now known as {_NAME}\."),
     ),
+    # A room past Limits.announce_up_to members stops announcing joins and leaves.
+    "quiet": (
+        "More than {limit} here: joins and leaves are no longer announced; /who lists everyone.",
+        re.compile(r"More than (?P<limit>\d+) here: joins and leaves are no longer announced; .*"),
+    ),
+    "announcing": (
+        "{count} here now: joins and leaves are announced again.",
+        re.compile(r"(?P<count>\d+) here now: joins and leaves are announced again\."),
+    ),
 }
 
 

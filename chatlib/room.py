@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -103,6 +104,13 @@ class Limits:
         " address that reconnects; 0 turns flood control off",
     )
     burst: int = _limit(10, "lines a client may send at once before --rate applies", int)
+    # Twitch's chat stops sending joins and parts past 1,000 viewers; a classroom is far below.
+    announce_up_to: int = _limit(
+        100,
+        "members up to which every join and leave is announced; a bigger room stops"
+        " announcing them until it is down to half as many",
+        int,
+    )
     # IRC servers ping idle clients and drop them after a few minutes.
     idle_timeout: float = _limit(
         0.0, "seconds a client may go without sending a line before it is closed; 0: never"
@@ -110,7 +118,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         """Refuse limits that would make the server useless; raise ValueError."""
-        for name in ("max_clients", "max_line", "sendq", "burst"):
+        for name in ("max_clients", "max_line", "sendq", "burst", "announce_up_to"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.rate < 0:
@@ -289,6 +297,9 @@ class Room:
         self._over_limit: dict[Connection, None] = {}
         self._guest_number = 0
         self._clock = float("-inf")  # the latest time a caller gave
+        # Whether joins and leaves are announced: N joins told to N members
+        # cost N² lines, 12.5 million for 5,000, so a big room stops.
+        self._announcing = True
 
     # --- Public methods -------------------------------------------------
 
@@ -310,14 +321,17 @@ class Room:
             self._move(conn, "leave", now)
         else:
             self._inherit_budget(conn, now)
-            self._broadcast("*** " + format_notice("joined", name=conn.name))
+            self._announce("joined", conn)
             self._members[name_key(conn.name)] = conn
             self._per_address[conn.address] = self._per_address.get(conn.address, 0) + 1
             if self.limits.idle_timeout:
                 conn._idle_at = now + self.limits.idle_timeout
                 self._reschedule(conn)
             self._send(conn, "*** " + format_notice("welcome", name=conn.name))
-            self._send_members(conn)
+            # Joining a big room costs no walk of the whole list: the first names will do.
+            self._send_members(conn, most=self.limits.announce_up_to)
+            if not self._announcing:  # so that nobody expects to see who comes and goes
+                self._send(conn, "*** " + format_notice("quiet", limit=self.limits.announce_up_to))
         self._drop_over_limit()
         return conn
 
@@ -648,29 +662,47 @@ class Room:
         usage, meaning = COMMANDS[command]
         self._send(conn, f"!!! Usage: {usage} ({meaning}).")
 
-    def _send_members(self, conn: Connection) -> None:
-        names = self.members
+    def _send_members(self, conn: Connection, most: int | None = None) -> None:
+        """Send *conn* the member list: its first *most* names, or as many as fit."""
+        count = len(self._members)
         # Cut a long list short, so that the line stays within what chatlib's
         # clients accept: past about 1,900 members it would not.
         budget = CLIENT_MAX_LINE - len(
-            "*** " + format_notice("members", count=len(names), names="", more="")
+            "*** " + format_notice("members", count=count, names="", more="")
         )
-        budget -= len(f" (and {len(names)} more)")
+        budget -= len(f" (and {count} more)")
         shown, size = [], 0
-        for name in names:
-            size += len(name.encode()) + 2  # and ", "
+        for member in itertools.islice(self._members.values(), most):
+            size += len(member.name.encode()) + 2  # and ", "
             if size > budget:
                 break
-            shown.append(name)
-        more = f" (and {len(names) - len(shown)} more)" if len(shown) < len(names) else ""
-        notice = format_notice("members", count=len(names), names=", ".join(shown), more=more)
+            shown.append(member.name)
+        more = f" (and {count - len(shown)} more)" if len(shown) < count else ""
+        notice = format_notice("members", count=count, names=", ".join(shown), more=more)
         self._send(conn, "*** " + notice)
+
+    def _announce(self, event: str, conn: Connection, reason: str = "") -> None:
+        """Tell everyone that *conn* joined or left, while the room is small enough.
+
+        Call it before a join and after a leave. The join that takes the room
+        past ``announce_up_to`` is not announced; instead, everyone is told
+        that joins and leaves no longer are, until the room is down to half.
+        """
+        count, limit = len(self._members) + (event == "joined"), self.limits.announce_up_to
+        if self._announcing and count > limit:
+            self._announcing = False
+            self._broadcast("*** " + format_notice("quiet", limit=limit))
+        elif not self._announcing and count <= limit // 2:
+            self._announcing = True
+            self._broadcast("*** " + format_notice("announcing", count=count))
+        elif self._announcing:
+            self._broadcast("*** " + format_notice(event, name=conn.name, reason=reason))
 
     def _leave(self, conn: Connection, now: float, reason: str = "") -> None:
         """Take *conn* out of the room to say goodbye, and tell the others."""
         self._remove_member(conn)
         self._move(conn, "leave", now)
-        self._broadcast("*** " + format_notice("left", name=conn.name, reason=reason))
+        self._announce("left", conn, reason)
 
     def _cut_off(self, conn: Connection, reason: str = "") -> None:
         """End *conn* at once, without a goodbye; tell the others if it was in the room."""
@@ -681,7 +713,7 @@ class Room:
         conn._unsent = 0
         self._move(conn, "cut off")
         if was_member:
-            self._broadcast("*** " + format_notice("left", name=conn.name, reason=reason))
+            self._announce("left", conn, reason)
 
     def _move(self, conn: Connection, event: str, now: float | None = None) -> None:
         """Move *conn* on through :data:`LIFECYCLE`; its engine acts on the new state."""

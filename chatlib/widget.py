@@ -477,6 +477,8 @@ class ChatPanel:
                 self._unlisted -= 1  # one of those the list left out
             else:
                 return True
+        elif event == "announcing":
+            return True  # a big room told nobody who came and went: ask again
         elif event == "renamed":
             if fields["old"] == self._name:
                 self._name = name

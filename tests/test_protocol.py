@@ -443,7 +443,10 @@ def test_the_member_list_may_be_cut_short(fields, text, parsed):
 
 
 def test_every_notice_is_covered():
-    assert set(NOTICES) == {"welcome", "members", "joined", "left", "renamed"}
+    assert set(NOTICES) == {
+        *("welcome", "members", "joined", "left", "renamed"),
+        *("quiet", "announcing"),
+    }
 
 
 def test_other_notices_are_not_recognised():

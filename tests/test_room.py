@@ -590,7 +590,8 @@ def test_hundreds_of_clients_dropped_at_once_do_not_recurse():
     # Fault: each drop told the others inside the fan-out that caused it, one level of
     # recursion per dropped client; about 350 raised RecursionError.
     count = 600  # about 350 were enough to raise RecursionError
-    driver = RoomDriver(sendq=2000, max_clients=count + 1, **NO_FLOOD)
+    # Every leave announced, as in a small room: the notices are what used to recurse.
+    driver = RoomDriver(sendq=2000, max_clients=count + 1, announce_up_to=count + 1, **NO_FLOOD)
     sleepers = [driver.connect() for _ in range(count)]
     driver.stalled.update(sleepers)
     talker = driver.connect()
@@ -840,3 +841,34 @@ def test_a_held_quit_and_the_idle_check_falling_due_together_leave_once():
     assert driver.take(quitter)[-1] == "*** Bye, guest1!"
     assert driver.take(other)[-1] == "*** guest1 left."
     assert quitter.deadline == 1.0 + LINGER
+
+
+# --- Presence at scale -----------------------------------------------------------------
+
+
+def test_a_big_room_stops_announcing_joins_and_leaves_and_says_so():
+    # Fault: each of N joins went to all N, N² lines: 12.5 million for 5,000 people.
+    driver = RoomDriver(announce_up_to=4, max_clients=10, **NO_FLOOD)
+    first = driver.connect()
+    others = [driver.connect() for _ in range(3)]
+    assert driver.take(first)[-3:] == [f"*** guest{n} joined." for n in (2, 3, 4)]
+    fifth = driver.connect()
+    quiet = "*** More than 4 here: joins and leaves are no longer announced; /who lists everyone."
+    assert driver.take(first) == [quiet]
+    assert driver.take(fifth) == [
+        "*** Welcome to chatlib, guest5! Choose a name with /nick NAME; /help lists the commands.",
+        "*** Online (5): guest1, guest2, guest3, guest4 (and 1 more)",
+        quiet,
+    ]
+    driver.connect()
+    for conn in [fifth, *others]:
+        driver.say(conn, "/quit")
+    assert driver.take(first) == ["*** 2 here now: joins and leaves are announced again."]
+    driver.connect()
+    assert driver.take(first) == ["*** guest7 joined."]
+
+
+def test_small_rooms_announce_as_before(trio, driver):
+    driver.say(trio[0], "/quit")
+    assert driver.take(trio[1]) == ["*** alice left."]
+    assert Limits().announce_up_to == 100  # a class of 30 is far below

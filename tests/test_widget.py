@@ -317,6 +317,17 @@ def test_a_member_list_cut_short_still_counts_everyone(scripted):
     assert server.heard == ["/quit"]
 
 
+def test_a_big_room_announcing_again_makes_the_panel_ask_who_is_here(scripted):
+    server, panel = scripted
+    server.send(
+        "*** Online (150): a, b (and 148 more)",
+        "*** More than 100 here: joins and leaves are no longer announced; /who lists everyone.",
+        "*** 50 here now: joins and leaves are announced again.",
+    )
+    # Nobody said who came and went meanwhile: the panel asks.
+    wait_until(lambda: "/who" in server.heard, what="the panel's /who")
+
+
 def test_a_line_of_client_max_line_bytes_is_shown_and_a_longer_one_dropped(scripted):
     server, panel = scripted
     longest = "<bob> " + "x" * (CLIENT_MAX_LINE - len("<bob> "))

@@ -7,8 +7,9 @@ arrives to the room. But no thread ever waits to send to someone else:
 - one *sender* thread writes out what the room queued, to every client that
   has news, with sends that never block. While it works, more lines pile up,
   and the next round sends each client all of them in one ``send()``. A
-  reader waits for the round that carries what it read before it reads
-  again, so a flooder cannot outrun the sender;
+  reader that has fed the room a read's worth in one round waits for that
+  round to be sent before it reads again, so a flooder cannot outrun the
+  sender;
 - what the kernel will not take at once (the client is slow, or not reading)
   goes to that client's own *writer* thread, started the first time it is
   needed, which may block in ``sendall()``: that delays this one client,
@@ -62,6 +63,8 @@ class _Client:
 
     __slots__ = (
         "peer",
+        "read_round",
+        "read_this_round",
         "reader",
         "sending",
         "slow",
@@ -89,6 +92,10 @@ class _Client:
         self.sending = False
         #: The deadline the sender keeps for it, so that each is kept once.
         self.timer_at: float | None = None
+        #: How many bytes its reader fed the room for the sender's round
+        #: ``read_round``: past one read's worth, it waits for that round.
+        self.read_round = -1
+        self.read_this_round = 0
 
 
 class ChatServer(ServerBase):
@@ -261,11 +268,17 @@ class ChatServer(ServerBase):
                     else:
                         self.room.receive_eof(conn, time.monotonic())
                     self._news.notify()
-                    # Read no more until the sender has offered what this
-                    # read fanned out to the kernel: what the room holds stays
-                    # bounded, and the sender cannot be outrun.
-                    this_round = self._round
-                    self._round_sent.wait_for(lambda r=this_round: self._rounds_sent >= r)
+                    if client.read_round != self._round:
+                        client.read_round, client.read_this_round = self._round, 0
+                    client.read_this_round += len(data)
+                    if client.read_this_round >= READ_SIZE:
+                        # Read no more until the sender has offered what this
+                        # round took from us to the kernel: what the room
+                        # holds stays bounded (about one read's fan-out per
+                        # reader), and the sender cannot be outrun. A client
+                        # that types never waits here.
+                        this_round = self._round
+                        self._round_sent.wait_for(lambda r=this_round: self._rounds_sent >= r)
         except OSError:
             with self._lock:  # reset by the peer, or cut off by us
                 self.room.connection_lost(conn)

@@ -35,6 +35,7 @@ from typing import Any
 from chatlib.protocol import (
     CLIENT_MAX_LINE,
     COMMANDS,
+    MAX_NAME_LENGTH,
     Command,
     LineFramer,
     encode_line,
@@ -665,20 +666,22 @@ class Room:
     def _send_members(self, conn: Connection, most: int | None = None) -> None:
         """Send *conn* the member list: its first *most* names, or as many as fit."""
         count = len(self._members)
+        names = [member.name for member in itertools.islice(self._members.values(), most)]
         # Cut a long list short, so that the line stays within what chatlib's
         # clients accept: past about 1,900 members it would not.
         budget = CLIENT_MAX_LINE - len(
             "*** " + format_notice("members", count=count, names="", more="")
         )
         budget -= len(f" (and {count} more)")
-        shown, size = [], 0
-        for member in itertools.islice(self._members.values(), most):
-            size += len(member.name.encode()) + 2  # and ", "
-            if size > budget:
-                break
-            shown.append(member.name)
-        more = f" (and {count - len(shown)} more)" if len(shown) < count else ""
-        notice = format_notice("members", count=count, names=", ".join(shown), more=more)
+        if len(names) * (4 * MAX_NAME_LENGTH + 2) > budget:  # only then can it outgrow one line
+            size = 0
+            for shown, name in enumerate(names):
+                size += len(name.encode()) + 2  # and ", "
+                if size > budget:
+                    del names[shown:]
+                    break
+        more = f" (and {count - len(names)} more)" if len(names) < count else ""
+        notice = format_notice("members", count=count, names=", ".join(names), more=more)
         self._send(conn, "*** " + notice)
 
     def _announce(self, event: str, conn: Connection, reason: str = "") -> None:

@@ -46,6 +46,14 @@ LOG_QUEUE_LINES = 1000
 #: forever.
 LOG_FLUSH_TIMEOUT = 1.0
 
+#: How long the writer lets a burst of lines gather before writing them all with
+#: one write(), and the most it gathers. Woken for each line of a crowd's
+#: thousands, the writer kept taking the interpreter's lock from the serving
+#: thread: logging took more time than serving (connecting 5,000 clients took
+#: 0.8 s instead of 0.34 s).
+LOG_BATCH_DELAY = 0.02
+LOG_BATCH_LINES = 256
+
 
 def create_server(
     engine: str = "threads",
@@ -72,6 +80,15 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
         #: Records dropped and not yet reported. ``Handler.handle()`` holds
         #: ``self.lock`` around ``emit()``, so the serving threads count in turn.
         self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """Queue the record as it is: the writer formats it, off the serving thread.
+
+        The server's records carry only immutable arguments (addresses, numbers),
+        so formatting later gives the same line; the stock prepare() formats and
+        copies each record here, on the thread that serves the clients.
+        """
+        return record
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
@@ -100,11 +117,18 @@ class _StdoutWriter(logging.handlers.QueueListener):
         # Under python -u (PYTHONUNBUFFERED) the buffer is the raw file already.
         self._raw = getattr(stream.buffer, "raw", stream.buffer)
         self._encoding = stream.encoding
+        self._gathered: list[str] = []
 
     def handle(self, record: logging.LogRecord) -> None:
-        self._write(record.getMessage())
-        if self.queue.empty():  # caught up: the lines lost meanwhile can be told
-            self._report_dropped()
+        self._gathered.append(record.getMessage())
+        caught_up = self.queue.empty()
+        if caught_up or len(self._gathered) >= LOG_BATCH_LINES:
+            self._write_gathered()
+        if caught_up:
+            self._report_dropped()  # the lines lost meanwhile can be told now
+            # Let the next burst gather: nothing wakes this thread meanwhile,
+            # so the serving thread keeps the interpreter's lock.
+            time.sleep(LOG_BATCH_DELAY)
 
     def stop(self, timeout: float = LOG_FLUSH_TIMEOUT) -> None:
         """Write out the queued lines and stop, waiting at most *timeout* seconds.
@@ -119,7 +143,9 @@ class _StdoutWriter(logging.handlers.QueueListener):
             return
         self._thread.join(max(0.0, deadline - time.monotonic()))
         if not self._thread.is_alive():
-            # Lines dropped after the last catch-up, while the queue held the sentinel.
+            # What it gathered last, and the lines dropped after its last catch-up,
+            # while the queue held the sentinel.
+            self._write_gathered()
             self._report_dropped()
 
     def _report_dropped(self) -> None:
@@ -128,8 +154,13 @@ class _StdoutWriter(logging.handlers.QueueListener):
             plural = "" if dropped == 1 else "s"
             self._write(f"[LOG] {dropped} log line{plural} dropped: the output was not being read.")
 
-    def _write(self, line: str) -> None:
-        data = memoryview((line + os.linesep).encode(self._encoding, "backslashreplace"))
+    def _write_gathered(self) -> None:
+        if self._gathered:
+            self._write(os.linesep.join(self._gathered))
+            self._gathered.clear()
+
+    def _write(self, lines: str) -> None:
+        data = memoryview((lines + os.linesep).encode(self._encoding, "backslashreplace"))
         try:
             while data:
                 written = self._raw.write(data)  # may write part of it, if a signal comes
@@ -144,6 +175,9 @@ class _StdoutWriter(logging.handlers.QueueListener):
 
 def _log_to_stdout() -> _StdoutWriter:
     """Send the log to stdout through a bounded queue; return the writer, started."""
+    # The server's lines say nothing of threads or processes: skip looking them up
+    # for every record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = _DroppingQueueHandler(queue.Queue(LOG_QUEUE_LINES))
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     writer = _StdoutWriter(handler, sys.stdout)

@@ -3,28 +3,36 @@
 Run ``python -m chatlib.bench`` (``--help`` for the options), or drive it from
 Python::
 
-    from chatlib.bench import run_fanout, run_scale, start_server
+    from chatlib.bench import run_crowd, run_fanout, run_scale, start_server
 
     with start_server("asyncio") as server:
         typing = run_fanout(server, clients=100, senders=10)
         scale = run_scale(server, clients=1000)
     print(typing.deliveries_per_s, typing.p99_ms, scale.kib_per_client)
 
+    with start_server("asyncio") as server:  # a crowd wants a fresh server
+        crowd = run_crowd(server, clients=1000)  # stops the server at the end
+    print(crowd.connect_s, crowd.kib_per_client, crowd.broadcast_ms, crowd.stop)
+
 Every server runs in its own process on 127.0.0.1 and the load generator in
 this one; docs/benchmarks.md explains what each number means.
 """
 
 from chatlib.bench.loadgen import (
+    CrowdResult,
     FanoutResult,
     MarkerCounter,
     ScaleResult,
     message_text,
     resp_command,
+    run_crowd,
     run_fanout,
     run_scale,
 )
 from chatlib.bench.report import (
+    CROWD_SIZES,
     TARGETS,
+    THREADS_CROWD_UP_TO,
     BenchReport,
     TargetCheck,
     check_targets,
@@ -46,10 +54,13 @@ from chatlib.bench.servers import (
 
 __all__ = [
     "CHATLIB_ENGINES",
+    "CROWD_SIZES",
     "HOST",
     "SERVER_KINDS",
     "TARGETS",
+    "THREADS_CROWD_UP_TO",
     "BenchReport",
+    "CrowdResult",
     "FanoutResult",
     "MarkerCounter",
     "ScaleResult",
@@ -65,6 +76,7 @@ __all__ = [
     "raise_open_files_limit",
     "resp_command",
     "run_bench",
+    "run_crowd",
     "run_fanout",
     "run_scale",
     "start_server",

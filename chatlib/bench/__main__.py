@@ -6,11 +6,37 @@ import argparse
 import json
 import sys
 
-from chatlib.bench.report import format_report, run_bench
+from chatlib.bench.report import CROWD_SIZES, THREADS_CROWD_UP_TO, format_report, run_bench
 from chatlib.bench.servers import SERVER_KINDS, available_servers
 
 # --quick: small enough for CI and notebooks, big enough to exercise every path.
-_QUICK = {"clients": 20, "senders": 4, "duration": 1.0, "warmup": 0.2, "idle_clients": 500}
+_QUICK = {
+    "clients": 20,
+    "senders": 4,
+    "duration": 1.0,
+    "warmup": 0.2,
+    "idle_clients": 500,
+    "crowd": (200,),
+}
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """Parse ``--crowd``: comma-separated client counts; 0 and empty items are dropped."""
+    try:
+        sizes = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if any(size < 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"a crowd cannot be negative: {text!r}")
+    return tuple(sorted(size for size in sizes if size > 0))
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float | int) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,16 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     add("--broadcasts", type=int, default=5, help="broadcasts timed at scale (%(default)s)")
     add(
+        "--crowd",
+        metavar="SIZES",
+        type=_sizes,
+        default=CROWD_SIZES,
+        help="comma-separated crowd sizes: for each, a fresh server gets that many clients "
+        "connecting at once, then one broadcast and a SIGTERM; threads runs only those up to "
+        f"{THREADS_CROWD_UP_TO:,}, the naive servers none; '' or 0 skips it "
+        f"(default: {_shown(CROWD_SIZES)})",
+    )
+    add(
         "--scale-timeout",
         type=float,
         default=300.0,
-        help="seconds allowed per scale run (%(default)s)",
+        help="seconds allowed per scale or crowd run (%(default)s)",
     )
     add(
         "--quick",
         action="store_true",
         help="small sizes for CI and notebooks: "
-        + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in _QUICK.items()),
+        + ", ".join(f"--{k.replace('_', '-')} {_shown(v)}" for k, v in _QUICK.items()),
     )
     add(
         "--no-pin",
@@ -84,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_clients=args.idle_clients,
         broadcasts=args.broadcasts,
         scale_timeout=args.scale_timeout,
+        crowd=args.crowd,
         pin=args.pin,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )

@@ -23,17 +23,20 @@ import selectors
 import socket
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from time import perf_counter
+from typing import Any
 
 from chatlib.bench.servers import Server, StopResult, raise_open_files_limit
 
 __all__ = [
+    "CrowdResult",
     "FanoutResult",
     "MarkerCounter",
     "ScaleResult",
     "message_text",
     "resp_command",
+    "run_crowd",
     "run_fanout",
     "run_scale",
 ]
@@ -53,6 +56,9 @@ _DRAIN_TIMEOUT = 10.0
 _SYNC_INTERVAL = 0.05
 # The settle check: the server is done once nothing arrives for this long.
 _QUIET = 0.5
+# A crowd keeps being read this long after the last greeting before its memory
+# is taken: long enough for the server to act on what the greetings started.
+_CROWD_READ = 1.0
 _MAX_SENDERS = 9999  # the sender field is four digits wide
 _REPORT_EVERY = 5.0  # seconds between progress lines in long waits
 
@@ -153,6 +159,35 @@ class ScaleResult:
     broadcast_median_ms: float = 0.0
     loadgen_cpu: float = 0.0  #: share of one core the load generator used in the broadcasts
     stop: StopResult | None = None  #: SIGTERM with every client connected, if asked for
+
+
+@dataclass
+class CrowdResult:
+    """What :func:`run_crowd` measured on one server; :meth:`to_json` flattens it."""
+
+    server: str
+    clients: int
+    connect_s: float  #: from the first connect to the last client's greeting
+    kib_per_client: float | None  #: server memory added per client, 1 s after the last greeting
+    broadcast_ms: float  #: one line, from its send until every client had its copy
+    stop: StopResult | None = None  #: SIGTERM with every client connected, if asked for
+    rss_before_kib: int | None = None  #: server memory before the first connect
+    rss_after_kib: int | None = None  #: ... and 1 s after the last greeting
+    loadgen_cpu: float = 0.0  #: share of one core the load generator used while connecting
+    server_cpu: float | None = None  #: the same for the server process, if known
+
+    def to_json(self) -> dict[str, Any]:
+        """Return one flat row of plain data: the stop as ``stop_s``, ``stop_status``...
+
+        ``stop_s`` and the other stop fields are None when the run did not stop
+        the server. A list of these rows is what a table or a plot wants.
+        """
+        row = {name: value for name, value in asdict(self).items() if name != "stop"}
+        stop = self.stop
+        row["stop_s"] = None if stop is None else stop.seconds
+        row["stop_status"] = None if stop is None else stop.status
+        row["stop_killed"] = None if stop is None else stop.killed
+        return row
 
 
 def run_fanout(
@@ -262,6 +297,78 @@ def run_scale(
         broadcast_median_ms=statistics.median(times),
         loadgen_cpu=loadgen_cpu,
         stop=stopped,
+    )
+
+
+def run_crowd(
+    server: Server,
+    *,
+    clients: int = 5000,
+    timeout: float = 300.0,
+    stop: bool = True,
+    stop_timeout: float = 10.0,
+    progress: Progress | None = None,
+) -> CrowdResult:
+    """Connect *clients* clients to *server* all at once; time it, weigh it, broadcast once.
+
+    Unlike :func:`run_scale`, nothing waits for the server to settle, since a
+    crowd arriving at once does not wait either: the connect time runs from the
+    first connect to the last greeting (for Redis, the SUBSCRIBE reply). The
+    clients keep reading for one second more, then the server's memory is
+    taken, and one client (for Redis, a publisher) sends one line; the
+    broadcast time runs until every client has its copy, behind whatever the
+    server still had queued for them (join notices, say). That is the point:
+    it is what the last person in a crowd waits for.
+
+    With *stop* (the default), the run ends by stopping the server
+    (:meth:`Server.terminate`, so only a server :func:`start_server` started)
+    with every client still connected, killing it after *stop_timeout* s. The
+    clients neither read nor close meanwhile. *timeout* bounds the rest.
+    """
+    if clients < 1:
+        raise ValueError("clients must be at least 1")
+    if stop and server.process is None:
+        raise ValueError(f"stop=True needs a server that start_server started, not {server.name}")
+    gen = _LoadGen(server, progress)
+    try:
+        rss_before = server.rss_kib()
+        server_cpu_before = server.cpu_seconds()
+        cpu_before = _own_cpu_seconds()
+        start = perf_counter()
+        deadline = start + timeout
+        gen.connect(clients, deadline)
+        connect_s = perf_counter() - start
+        loadgen_cpu = (_own_cpu_seconds() - cpu_before) / connect_s
+        server_cpu_after = server.cpu_seconds()
+        server_cpu = None
+        if server_cpu_before is not None and server_cpu_after is not None:
+            server_cpu = (server_cpu_after - server_cpu_before) / connect_s
+        # Redis's publisher connects now, so that the broadcast below times the
+        # broadcast and not Redis accepting one more client.
+        gen.add_senders(1)
+        gen.keep_reading(_CROWD_READ)
+        rss_after = server.rss_kib()
+        broadcast_ms = gen.broadcast_once(0, deadline) * 1000
+        stopped = None
+        if stop:
+            gen.progress(f"{server.name}: SIGTERM with {clients} clients connected...")
+            stopped = server.terminate(stop_timeout)
+    finally:
+        gen.close()
+    per_client = None
+    if rss_before is not None and rss_after is not None:
+        per_client = (rss_after - rss_before) / clients
+    return CrowdResult(
+        server=server.name,
+        clients=clients,
+        connect_s=connect_s,
+        kib_per_client=per_client,
+        broadcast_ms=broadcast_ms,
+        stop=stopped,
+        rss_before_kib=rss_before,
+        rss_after_kib=rss_after,
+        loadgen_cpu=loadgen_cpu,
+        server_cpu=server_cpu,
     )
 
 
@@ -437,6 +544,12 @@ class _LoadGen:
             if self.bytes_in != bytes_seen:
                 bytes_seen = self.bytes_in
                 last_data = perf_counter()
+
+    def keep_reading(self, seconds: float) -> None:
+        """Read whatever arrives for *seconds*, so that no server blocks on a full buffer."""
+        end = perf_counter() + seconds
+        while (now := perf_counter()) < end:
+            self._poll(end - now)
 
     def run_phase(self, phase: bytes, duration: float, window: int) -> FanoutResult:
         """Send for *duration* s with *window* lines in flight per sender; count every copy."""

@@ -6,12 +6,20 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chatlib.bench.loadgen import FanoutResult, Progress, ScaleResult, run_fanout, run_scale
+from chatlib.bench.loadgen import (
+    CrowdResult,
+    FanoutResult,
+    Progress,
+    ScaleResult,
+    run_crowd,
+    run_fanout,
+    run_scale,
+)
 from chatlib.bench.servers import (
     CHATLIB_ENGINES,
     SERVER_KINDS,
@@ -24,7 +32,9 @@ from chatlib.bench.servers import (
 )
 
 __all__ = [
+    "CROWD_SIZES",
     "TARGETS",
+    "THREADS_CROWD_UP_TO",
     "BenchReport",
     "TargetCheck",
     "check_targets",
@@ -37,13 +47,38 @@ __all__ = [
 TARGETS = {
     "clients": 100,  # the fan-out targets are checked with this many clients...
     "senders": 10,  # ... and senders
-    "share_of_redis": 0.5,  # typing deliveries/s, each engine vs Redis pub/sub
+    "window": 16,  # ... and, pipelined, this many lines in flight per sender
+    "share_of_redis": 0.8,  # typing deliveries/s, each engine vs Redis pub/sub
+    "pipelined_share_of_redis": 0.6,  # pipelined deliveries/s, each engine vs Redis
     "times_naive": 2.0,  # typing deliveries/s, each engine vs the naive server
     "idle_clients": 5000,  # the scale targets are checked with this many clients
     "asyncio_kib_per_client": 4.0,
     "asyncio_broadcast_ms": 100.0,
     "stop_s": 2.0,  # SIGTERM with idle_clients connected: every engine exits 0 within this
+    # The crowd ("Fast at scale"): selectors and asyncio, at each of two sizes,
+    # against Redis at the same size in the same run...
+    "crowd_clients": 5000,
+    "crowd_clients_most": 10000,
+    "crowd_connect_x_redis": 2.0,  # all connected within this many times Redis's time
+    "crowd_kib_per_client": 4.0,
+    "crowd_broadcast_x_redis": 1.5,  # one broadcast reaches all within this times Redis's
+    # ... and threads, a thread per client, at the smaller size on its own terms.
+    "threads_crowd_clients": 5000,
+    "threads_connect_s": 15.0,
+    "threads_kib_per_client": 24.0,
 }
+
+#: The crowd sizes ``run_bench`` and ``python -m chatlib.bench --crowd`` run by default.
+CROWD_SIZES = (1000, 5000, 10000)
+
+#: The biggest crowd the threaded engine is given. Its threads and their
+#: stacks make thousands of clients costly (docs/engines.md, "Which one to
+#: pick"); 10,000 would measure that again, only slower.
+THREADS_CROWD_UP_TO = 5000
+
+# The naive servers are the fan-out baseline; a crowd would measure their
+# thread per client again, as it does for threads.
+_NO_CROWD = ("naive", "naive-nagle")
 
 
 @dataclass
@@ -55,14 +90,28 @@ class BenchReport:
     typing: dict[str, FanoutResult] = field(default_factory=dict)
     pipelined: dict[str, FanoutResult] = field(default_factory=dict)
     scale: dict[str, ScaleResult] = field(default_factory=dict)
+    crowd: list[CrowdResult] = field(default_factory=list)  #: one per (server, size), in run order
     errors: dict[str, str] = field(default_factory=dict)  #: why a server has no numbers
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """Return the report as plain data, targets included."""
+        """Return the report as plain data, targets included.
+
+        ``crowd`` is a list of flat rows (:meth:`CrowdResult.to_json`), one per
+        server and size: ``server``, ``clients``, ``connect_s``,
+        ``kib_per_client``, ``broadcast_ms``, ``stop_s``...
+        """
         data = asdict(self)
+        data["crowd"] = [result.to_json() for result in self.crowd]
         data["targets"] = [asdict(check) for check in check_targets(self)]
         return data
+
+    def crowd_result(self, server: str, clients: int) -> CrowdResult | None:
+        """Return the crowd run of *server* with *clients*, or None if there was none."""
+        for result in self.crowd:
+            if result.server == server and result.clients == clients:
+                return result
+        return None
 
 
 @dataclass
@@ -85,6 +134,7 @@ def run_bench(
     idle_clients: int = 5000,
     broadcasts: int = 5,
     scale_timeout: float = 300.0,
+    crowd: Sequence[int] = CROWD_SIZES,
     pin: bool = True,
     progress: Progress | None = None,
 ) -> BenchReport:
@@ -94,8 +144,11 @@ def run_bench(
     (typing, then pipelined with *window* lines in flight; 0 skips them) and
     another for the scale run with *idle_clients* (0 skips it), bounded by
     *scale_timeout* seconds, which ends by timing the server's exit after
-    SIGTERM with every client still connected. With *pin*, the server runs on
-    one CPU and this process on another, for the duration of the call.
+    SIGTERM with every client still connected. Then one more process for each
+    size in *crowd* (:func:`run_crowd`, also bounded by *scale_timeout*; an
+    empty *crowd* skips it): threads only up to :data:`THREADS_CROWD_UP_TO`,
+    the naive servers never. With *pin*, the server runs on one CPU and this
+    process on another, for the duration of the call.
     """
     say = progress or (lambda message: None)
     names = list(servers) if servers is not None else available_servers()
@@ -109,6 +162,7 @@ def run_bench(
         "idle_clients": idle_clients,
         "broadcasts": broadcasts,
         "scale_timeout": scale_timeout,
+        "crowd": sorted({size for size in crowd if size > 0}),
     }
     report = BenchReport(settings=settings, machine=machine_info())
     if servers is None:
@@ -122,6 +176,12 @@ def run_bench(
             f"the open-files hard limit ({hard}) is too low for {idle_clients} clients; "
             "raise it (ulimit -Hn, as root) or pass a smaller --idle-clients"
         )
+    most = max(settings["crowd"], default=0)
+    if 0 < hard < most + 100:
+        report.notes.append(
+            f"the open-files hard limit ({hard}) is too low for a crowd of {most} clients; "
+            "raise it (ulimit -Hn, as root) or pass smaller --crowd sizes"
+        )
     with _pinned(pin) as cpus:
         server_cpu, loadgen_cpu = cpus
         if server_cpu is not None:
@@ -134,6 +194,10 @@ def run_bench(
                 _measure_fanout(report, name, server_cpu, say)
             if idle_clients > 0 and name not in report.errors:
                 _measure_scale(report, name, server_cpu, say)
+            for size in _crowd_sizes(name, settings["crowd"]):
+                if name in report.errors:
+                    break  # a bigger crowd would fail too, after a longer wait
+                _measure_crowd(report, name, size, server_cpu, say)
     # Others' work on the machine skews everything; say how busy it was.
     report.notes.append(f"load average (1 min): {load_before} before, {_load_average()} after")
     return report
@@ -142,35 +206,52 @@ def run_bench(
 def check_targets(report: BenchReport) -> list[TargetCheck]:
     """Check chatlib's engines against :data:`TARGETS`, as far as *report* allows."""
     checks = []
-    redis = report.typing.get("redis")
-    naive = report.typing.get("naive")
-    share, times = TARGETS["share_of_redis"], TARGETS["times_naive"]
-    sizes = (report.settings["clients"], report.settings["senders"])
+    s = report.settings
+    sizes = (s["clients"], s["senders"])
     # At other sizes the ratios are shown, but they neither pass nor fail.
     right_size = sizes == (TARGETS["clients"], TARGETS["senders"])
     off_size = "" if right_size else ", at {} clients and {} senders".format(*sizes)
+    window = s.get("window", TARGETS["window"])
+    right_window = right_size and window == TARGETS["window"]
+    off_window = off_size or ("" if right_window else f", with {window} lines in flight")
+    modes = (
+        ("typing", report.typing, TARGETS["share_of_redis"], right_size, off_size),
+        (
+            "pipelined",
+            report.pipelined,
+            TARGETS["pipelined_share_of_redis"],
+            right_window,
+            off_window,
+        ),
+    )
+    times = TARGETS["times_naive"]
     for engine in CHATLIB_ENGINES:
-        result = report.typing.get(engine)
-        vs_redis = f"{engine}: typing deliveries/s >= {share:.0%} of Redis"
-        vs_naive = f"{engine}: typing deliveries/s >= {times:g}x naive"
-        if result is None:
-            why = report.errors.get(engine, "not run")
-            failed = engine in report.errors
-            checks.append(TargetCheck(vs_redis, False if failed else None, why))
-            checks.append(TargetCheck(vs_naive, False if failed else None, why))
-            continue
-        if redis is None:
-            checks.append(TargetCheck(vs_redis, None, "Redis not run"))
-        else:
-            ratio = result.deliveries_per_s / redis.deliveries_per_s
-            passed = ratio >= share if right_size else None
-            checks.append(TargetCheck(vs_redis, passed, f"{ratio:.0%}{off_size}"))
-        if naive is None:
-            checks.append(TargetCheck(vs_naive, None, "naive not run"))
-        else:
-            ratio = result.deliveries_per_s / naive.deliveries_per_s
-            passed = ratio >= times if right_size else None
-            checks.append(TargetCheck(vs_naive, passed, f"{ratio:.1f}x{off_size}"))
+        for mode, results, share, judged, off in modes:
+            redis = results.get("redis")
+            result = results.get(engine)
+            targets = [f"{engine}: {mode} deliveries/s >= {share:.0%} of Redis"]
+            if mode == "typing":
+                targets.append(f"{engine}: typing deliveries/s >= {times:g}x naive")
+            if result is None:
+                why = report.errors.get(engine, "not run")
+                failed = engine in report.errors
+                checks += [TargetCheck(t, False if failed else None, why) for t in targets]
+                continue
+            if redis is None:
+                checks.append(TargetCheck(targets[0], None, "Redis not run"))
+            else:
+                ratio = result.deliveries_per_s / redis.deliveries_per_s
+                passed = ratio >= share if judged else None
+                checks.append(TargetCheck(targets[0], passed, f"{ratio:.0%}{off}"))
+            if mode != "typing":
+                continue
+            naive = results.get("naive")
+            if naive is None:
+                checks.append(TargetCheck(targets[1], None, "naive not run"))
+            else:
+                ratio = result.deliveries_per_s / naive.deliveries_per_s
+                passed = ratio >= times if judged else None
+                checks.append(TargetCheck(targets[1], passed, f"{ratio:.1f}x{off}"))
 
     wanted = TARGETS["idle_clients"]
     kib, ms = TARGETS["asyncio_kib_per_client"], TARGETS["asyncio_broadcast_ms"]
@@ -196,6 +277,7 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
         median = scale.broadcast_median_ms
         checks.append(TargetCheck(reach, median < ms, f"median {median:.1f} ms"))
 
+    checks += _check_crowd(report)
     checks += [_check_stop(report, engine) for engine in CHATLIB_ENGINES]
 
     results = [*report.typing.values(), *report.pipelined.values()]
@@ -236,6 +318,20 @@ def format_report(report: BenchReport) -> str:
             "until the server's process exited",
         ]
         lines += _scale_table(report.scale)
+    if s.get("crowd"):
+        sizes = s["crowd"]
+        servers = [name for name in s["servers"] if name not in _NO_CROWD]
+        limits = ""
+        if "threads" in servers and sizes != _crowd_sizes("threads", sizes):
+            limits = f" (threads: {_sizes_text(_crowd_sizes('threads', sizes)) or 'none'})"
+        lines += [
+            "",
+            f"Crowd: {_sizes_text(sizes)} clients connecting at once{limits}, a fresh server "
+            "each time, nobody waiting for it to settle",
+            "connect: from the first connect to the last greeting; KiB/client: 1 s later; "
+            "broadcast: one line until every client had it; CPU: while connecting",
+        ]
+        lines += _crowd_table(report.crowd)
     if report.errors:
         lines += ["", "Errors"]
         lines += [f"  {name}: {error}" for name, error in report.errors.items()]
@@ -276,17 +372,129 @@ def _check_stop(report: BenchReport, engine: str) -> TargetCheck:
     wanted, seconds = TARGETS["idle_clients"], TARGETS["stop_s"]
     target = f"{engine}: SIGTERM with {wanted} clients connected exits 0 within {seconds:g} s"
     scale = report.scale.get(engine)
-    if scale is None or scale.stop is None:
-        skipped = "not run" if report.settings["idle_clients"] else "scale run skipped"
+    crowd = _crowd_to_judge_stop(report, engine, wanted)
+    if scale is not None and scale.stop is not None:
+        stop, clients, source, option = scale.stop, scale.clients, "", "--idle-clients"
+    elif crowd is not None and crowd.stop is not None:
+        # Without a scale run, a crowd's stop stands in: the same SIGTERM, with
+        # every client connected and none reading.
+        stop, clients, source, option = crowd.stop, crowd.clients, "crowd: ", "--crowd"
+    else:
+        ran = report.settings["idle_clients"] or report.settings.get("crowd")
+        skipped = "not run" if ran else "scale and crowd runs skipped"
         failed = engine in report.errors
         return TargetCheck(target, False if failed else None, report.errors.get(engine, skipped))
-    stop = scale.stop
     passed = not stop.killed and stop.status == 0 and stop.seconds <= seconds
-    if scale.clients >= wanted:
-        return TargetCheck(target, passed, _stop_text(stop))
+    if clients >= wanted:
+        more = f" with {clients} clients" if clients > wanted else ""
+        return TargetCheck(target, passed, f"{source}{_stop_text(stop)}{more}")
     # More clients only make stopping slower: a miss with fewer is a miss.
-    detail = f"{_stop_text(stop)} with {scale.clients} clients; run with --idle-clients {wanted}"
+    detail = f"{source}{_stop_text(stop)} with {clients} clients; run with {option} {wanted}"
     return TargetCheck(target, None if passed else False, detail)
+
+
+def _crowd_to_judge_stop(report: BenchReport, engine: str, wanted: int) -> CrowdResult | None:
+    """Return the crowd run closest to *wanted* clients from above, else the biggest."""
+    runs = sorted(
+        (r for r in report.crowd if r.server == engine and r.stop is not None),
+        key=lambda r: r.clients,
+    )
+    at_least = [r for r in runs if r.clients >= wanted]
+    if at_least:
+        return at_least[0]
+    return runs[-1] if runs else None
+
+
+def _check_crowd(report: BenchReport) -> list[TargetCheck]:
+    """Check the crowd targets: selectors and asyncio against Redis, threads on its own."""
+    kib, connect_x = TARGETS["crowd_kib_per_client"], TARGETS["crowd_connect_x_redis"]
+    broadcast_x = TARGETS["crowd_broadcast_x_redis"]
+    checks = []
+    n = TARGETS["threads_crowd_clients"]
+    seconds, threads_kib = TARGETS["threads_connect_s"], TARGETS["threads_kib_per_client"]
+    checks += [
+        _crowd_check(
+            report,
+            "threads",
+            n,
+            f"threads: a crowd of {n:,} all connected within {seconds:g} s",
+            lambda r: (r.connect_s <= seconds, f"{r.connect_s:.2f} s"),
+        ),
+        _crowd_check(
+            report,
+            "threads",
+            n,
+            f"threads: < {threads_kib:g} KiB per client in a crowd of {n:,}",
+            lambda r: _memory(r, threads_kib),
+        ),
+    ]
+    for n in (TARGETS["crowd_clients"], TARGETS["crowd_clients_most"]):
+        redis = report.crowd_result("redis", n)
+        for engine in ("selectors", "asyncio"):
+            checks += [
+                _crowd_check(
+                    report,
+                    engine,
+                    n,
+                    f"{engine}: a crowd of {n:,} all connected within {connect_x:g}x Redis's time",
+                    lambda r, redis=redis, n=n: _vs_redis(
+                        r.connect_s, redis and redis.connect_s, connect_x, "s", n
+                    ),
+                ),
+                _crowd_check(
+                    report,
+                    engine,
+                    n,
+                    f"{engine}: < {kib:g} KiB per client in a crowd of {n:,}",
+                    lambda r: _memory(r, kib),
+                ),
+                _crowd_check(
+                    report,
+                    engine,
+                    n,
+                    f"{engine}: a broadcast reaches a crowd of {n:,} within {broadcast_x:g}x "
+                    "Redis's time",
+                    lambda r, redis=redis, n=n: _vs_redis(
+                        r.broadcast_ms, redis and redis.broadcast_ms, broadcast_x, "ms", n
+                    ),
+                ),
+            ]
+    return checks
+
+
+def _crowd_check(
+    report: BenchReport,
+    engine: str,
+    clients: int,
+    target: str,
+    judge: Callable[[CrowdResult], tuple[bool | None, str]],
+) -> TargetCheck:
+    """Judge *engine*'s crowd of *clients*: failed, not run, or what *judge* says."""
+    result = report.crowd_result(engine, clients)
+    if result is not None:
+        return TargetCheck(target, *judge(result))
+    if engine in report.errors:
+        return TargetCheck(target, False, report.errors[engine])
+    if clients not in report.settings.get("crowd", ()):
+        return TargetCheck(target, None, f"not run; run with --crowd {clients}")
+    return TargetCheck(target, None, "not run")
+
+
+def _memory(result: CrowdResult, kib: float) -> tuple[bool | None, str]:
+    if result.kib_per_client is None:
+        return None, "no memory figures on this system"
+    return result.kib_per_client < kib, f"{result.kib_per_client:.2f} KiB"
+
+
+def _vs_redis(
+    value: float, redis: float | None, times: float, unit: str, clients: int
+) -> tuple[bool | None, str]:
+    digits = 1 if unit == "ms" else 2  # as the crowd table shows them
+    if redis is None:
+        return None, f"{value:.{digits}f} {unit}; Redis not run with {clients:,}"
+    ratio = value / redis if redis > 0 else float("inf")
+    shown = f"{value:.{digits}f} {unit}, {ratio:.2f}x Redis's {redis:.{digits}f} {unit}"
+    return ratio <= times, shown
 
 
 def _measure_fanout(report: BenchReport, name: str, cpu: int | None, say: Progress) -> None:
@@ -337,6 +545,44 @@ def _measure_scale(report: BenchReport, name: str, cpu: int | None, say: Progres
         except (OSError, ServerError) as error:
             _record_error(report, name, "scale", error, server, say)
         _note_exit(report, server)
+
+
+def _measure_crowd(
+    report: BenchReport, name: str, size: int, cpu: int | None, say: Progress
+) -> None:
+    server = _start(report, name, cpu, say)
+    if server is None:
+        return
+    with server:
+        try:
+            say(f"{name}: a crowd of {size:,} clients at once...")
+            result = run_crowd(
+                server, clients=size, timeout=report.settings["scale_timeout"], progress=say
+            )
+            report.crowd.append(result)
+            assert result.stop is not None
+            say(
+                f"{name}: {size:,} connected in {result.connect_s:.2f} s, broadcast in "
+                f"{result.broadcast_ms:.1f} ms, stop after SIGTERM: {_stop_text(result.stop)}"
+            )
+        except (OSError, ServerError) as error:
+            _record_error(report, name, f"crowd of {size}", error, server, say)
+        _note_exit(report, server)
+
+
+def _crowd_sizes(name: str, sizes: Sequence[int]) -> list[int]:
+    """Return the crowd sizes server *name* runs, of *sizes*."""
+    if name in _NO_CROWD:
+        return []
+    if name == "threads":
+        return [size for size in sizes if size <= THREADS_CROWD_UP_TO]
+    return list(sizes)
+
+
+def _sizes_text(sizes: Sequence[int]) -> str:
+    """Return ``1,000, 5,000 and 10,000`` for (1000, 5000, 10000)."""
+    words = [f"{size:,}" for size in sizes]
+    return " and ".join(filter(None, [", ".join(words[:-1]), *words[-1:]]))
 
 
 def _start(report: BenchReport, name: str, cpu: int | None, say: Progress) -> Server | None:
@@ -451,6 +697,42 @@ def _scale_table(results: dict[str, ScaleResult]) -> list[str]:
                 " ".join(f"{t:.0f}" for t in r.broadcast_ms),
                 _percent(r.loadgen_cpu),
                 "-" if r.stop is None else _stop_text(r.stop),
+            )
+        )
+    return _table(rows) if len(rows) > 1 else ["  (no results)"]
+
+
+def _crowd_table(results: list[CrowdResult]) -> list[str]:
+    rows = [
+        (
+            "server",
+            "clients",
+            "connect s",
+            "x Redis",
+            "KiB/client",
+            "broadcast ms",
+            "x Redis",
+            "stop after SIGTERM",
+            "server CPU",
+            "loadgen CPU",
+        )
+    ]
+    redis = {r.clients: r for r in results if r.server == "redis"}
+    # By size, then in run order: each row sits next to the Redis row it is compared with.
+    for r in sorted(results, key=lambda r: r.clients):
+        ref = redis.get(r.clients)
+        rows.append(
+            (
+                r.server,
+                f"{r.clients:,}",
+                f"{r.connect_s:.2f}",
+                f"{r.connect_s / ref.connect_s:.2f}x" if ref and ref.connect_s else "-",
+                "-" if r.kib_per_client is None else f"{r.kib_per_client:.2f}",
+                f"{r.broadcast_ms:.1f}",
+                f"{r.broadcast_ms / ref.broadcast_ms:.2f}x" if ref and ref.broadcast_ms else "-",
+                "-" if r.stop is None else _stop_text(r.stop),
+                _percent(r.server_cpu),
+                _percent(r.loadgen_cpu),
             )
         )
     return _table(rows) if len(rows) > 1 else ["  (no results)"]

@@ -778,6 +778,8 @@ def _address_of(peer: object) -> object:
     reason). An IPv4 client on a dual-stack socket counts as its IPv4 address.
     """
     host = peer[0] if isinstance(peer, tuple) else peer
+    if isinstance(host, str) and ":" not in host:
+        return host  # IPv4, as accept() spells it: parsing it costs more than the rest of a join
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

@@ -324,6 +324,7 @@ def test_a_big_room_announcing_again_makes_the_panel_ask_who_is_here(scripted):
         "*** More than 100 here: joins and leaves are no longer announced; /who lists everyone.",
         "*** 50 here now: joins and leaves are announced again.",
     )
+    panel.wait_for(text_is("50 here now: joins and leaves are announced again."))
     # Nobody said who came and went meanwhile: the panel asks.
     wait_until(lambda: "/who" in server.heard, what="the panel's /who")
 

@@ -120,7 +120,7 @@ class _StdoutWriter(logging.handlers.QueueListener):
         self._gathered: list[str] = []
 
     def handle(self, record: logging.LogRecord) -> None:
-        self._gathered.append(record.getMessage())
+        self._gathered.append(self._handler.format(record))  # with its traceback, if any
         caught_up = self.queue.empty()
         if caught_up or len(self._gathered) >= LOG_BATCH_LINES:
             self._write_gathered()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from chatlib.server import ENGINES, LOG_FLUSH_TIMEOUT, LOG_QUEUE_LINES
+from chatlib.server import (
+    ENGINES,
+    LOG_FLUSH_TIMEOUT,
+    LOG_QUEUE_LINES,
+    _DroppingQueueHandler,
+    _StdoutWriter,
+)
 from tests.helpers import TIMEOUT, LineClient, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,3 +401,34 @@ def test_a_server_that_does_not_ignore_sigpipe_survives_resets():
         proc.kill()
         proc.wait(TIMEOUT)
         proc.stdout.close()
+
+
+def test_the_log_writer_writes_tracebacks_and_bursts_whole(tmp_path):
+    # Planted bug: records queued unformatted, to be formatted off the serving thread,
+    # lost their tracebacks.
+    handler = _DroppingQueueHandler(queue.Queue(LOG_QUEUE_LINES))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("tests.log_writer")
+    logger.propagate = False
+    logger.addHandler(handler)
+    path = tmp_path / "log"
+    try:
+        with open(path, "w") as stream:
+            writer = _StdoutWriter(handler, stream)
+            writer.start()
+            try:
+                raise ZeroDivisionError("division by zero")
+            except ZeroDivisionError:
+                logger.exception("[ERROR] it failed")
+            for port in range(300):  # a burst: more than one write's worth
+                logger.warning("[NEW CONNECTION] %s connected.", ("127.0.0.1", port))
+            writer.stop()
+    finally:
+        logger.removeHandler(handler)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "[ERROR] it failed"
+    assert lines[1] == "Traceback (most recent call last):"
+    assert "ZeroDivisionError: division by zero" in lines
+    assert lines[-300:] == [
+        f"[NEW CONNECTION] ('127.0.0.1', {port}) connected." for port in range(300)
+    ]

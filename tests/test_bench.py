@@ -274,16 +274,16 @@ def test_server_refuses_any_address_but_loopback():
         Server("elsewhere", "chat", 5050, host="10.0.0.1")
 
 
+def bench_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m chatlib.bench`` with *args* from the repository root, at most 60 s."""
+    command = [sys.executable, "-m", "chatlib.bench", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 def test_command_line_quick_run_prints_tables_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--quick", "--servers", "naive", "--duration", "0.2", "--idle-clients", "30"]
-    run = subprocess.run(
-        [sys.executable, "-m", "chatlib.bench", *args, "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = bench_command(*args, "--json", str(out))
     assert run.returncode == 0, run.stderr
     assert "Fan-out, typing: 20 clients, 4 senders" in run.stdout
     assert "Connection scale: 30 idle clients" in run.stdout
@@ -301,13 +301,7 @@ def test_command_line_quick_run_prints_tables_and_writes_json(tmp_path):
 def test_command_line_crowd_run_writes_flat_rows_to_json(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--servers", "selectors", "--clients", "0", "--idle-clients", "0", "--crowd", "30,40"]
-    run = subprocess.run(
-        [sys.executable, "-m", "chatlib.bench", *args, "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = bench_command(*args, "--json", str(out))
     assert run.returncode == 0, run.stderr
     assert "Crowd: 30 and 40 clients connecting at once" in run.stdout
     assert "selectors: a crowd of 40 clients at once..." in run.stderr
@@ -329,26 +323,14 @@ def test_command_line_crowd_run_writes_flat_rows_to_json(tmp_path):
 @pytest.mark.parametrize("crowd", ["", "0"])
 def test_command_line_crowd_empty_or_zero_skips_the_crowd(crowd):
     args = ["--servers", "naive", "--clients", "0", "--idle-clients", "0", "--crowd", crowd]
-    run = subprocess.run(
-        [sys.executable, "-m", "chatlib.bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = bench_command(*args)
     assert run.returncode == 0, run.stderr
     assert "Crowd" not in run.stdout
     assert "(scale and crowd runs skipped)" in run.stdout
 
 
 def test_command_line_refuses_a_crowd_that_is_not_numbers():
-    run = subprocess.run(
-        [sys.executable, "-m", "chatlib.bench", "--crowd", "many"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = bench_command("--crowd", "many")
     assert run.returncode == 2
     assert "not a comma-separated list of numbers" in run.stderr
 

@@ -275,23 +275,15 @@ def run_scale(
         wall_before = perf_counter()
         times = [gen.broadcast_once(seq, deadline) * 1000 for seq in range(broadcasts)]
         loadgen_cpu = (_own_cpu_seconds() - cpu_before) / (perf_counter() - wall_before)
-        stopped = None
-        if stop:
-            # Clients that never end their side are the slowest kind to stop
-            # with: each holds its goodbye open for the server's whole linger.
-            gen.progress(f"{server.name}: SIGTERM with {clients} clients connected...")
-            stopped = server.terminate(stop_timeout)
+        stopped = _terminate_connected(gen, clients, stop_timeout) if stop else None
     finally:
         gen.close()
-    per_client = None
-    if rss_before is not None and rss_after is not None:
-        per_client = (rss_after - rss_before) / clients
     return ScaleResult(
         server=server.name,
         clients=clients,
         rss_before_kib=rss_before,
         rss_after_kib=rss_after,
-        kib_per_client=per_client,
+        kib_per_client=_per_client(rss_before, rss_after, clients),
         connect_s=connect_s,
         broadcast_ms=times,
         broadcast_median_ms=statistics.median(times),
@@ -339,30 +331,21 @@ def run_crowd(
         gen.connect(clients, deadline)
         connect_s = perf_counter() - start
         loadgen_cpu = (_own_cpu_seconds() - cpu_before) / connect_s
-        server_cpu_after = server.cpu_seconds()
-        server_cpu = None
-        if server_cpu_before is not None and server_cpu_after is not None:
-            server_cpu = (server_cpu_after - server_cpu_before) / connect_s
+        server_cpu = _share(server_cpu_before, server.cpu_seconds(), connect_s)
         # Redis's publisher connects now, so that the broadcast below times the
         # broadcast and not Redis accepting one more client.
         gen.add_senders(1)
         gen.keep_reading(_CROWD_READ)
         rss_after = server.rss_kib()
         broadcast_ms = gen.broadcast_once(0, deadline) * 1000
-        stopped = None
-        if stop:
-            gen.progress(f"{server.name}: SIGTERM with {clients} clients connected...")
-            stopped = server.terminate(stop_timeout)
+        stopped = _terminate_connected(gen, clients, stop_timeout) if stop else None
     finally:
         gen.close()
-    per_client = None
-    if rss_before is not None and rss_after is not None:
-        per_client = (rss_after - rss_before) / clients
     return CrowdResult(
         server=server.name,
         clients=clients,
         connect_s=connect_s,
-        kib_per_client=per_client,
+        kib_per_client=_per_client(rss_before, rss_after, clients),
         broadcast_ms=broadcast_ms,
         stop=stopped,
         rss_before_kib=rss_before,
@@ -582,10 +565,7 @@ class _LoadGen:
                 last_delivery = perf_counter()
         wall = perf_counter() - start
         loadgen_cpu = (_own_cpu_seconds() - cpu_before) / wall
-        server_cpu_after = self.server.cpu_seconds()
-        server_cpu = None
-        if server_cpu_before is not None and server_cpu_after is not None:
-            server_cpu = (server_cpu_after - server_cpu_before) / wall
+        server_cpu = _share(server_cpu_before, self.server.cpu_seconds(), wall)
         assert all(conn.seen is not None for conn in self.conns)
         lost = sum(max(0, sent - conn.seen.count) for conn in self.conns)  # type: ignore[union-attr]
         latencies = sorted(itertools.chain.from_iterable(s.latencies for s in self.senders))
@@ -705,6 +685,28 @@ def _send_all(sock: socket.socket, data: bytes) -> None:
         sent = 0
     if sent != len(data):
         raise ConnectionError("the server stopped reading: a client's send buffer is full")
+
+
+def _terminate_connected(gen: _LoadGen, clients: int, timeout: float) -> StopResult:
+    """SIGTERM *gen*'s server with every client still connected; return how that went."""
+    # Clients that never end their side are the slowest kind to stop with:
+    # each holds its goodbye open for the server's whole linger.
+    gen.progress(f"{gen.server.name}: SIGTERM with {clients} clients connected...")
+    return gen.server.terminate(timeout)
+
+
+def _per_client(rss_before: int | None, rss_after: int | None, clients: int) -> float | None:
+    """Return the KiB the server grew by per client, if its memory is known."""
+    if rss_before is None or rss_after is None:
+        return None
+    return (rss_after - rss_before) / clients
+
+
+def _share(before: float | None, after: float | None, seconds: float) -> float | None:
+    """Return the share of one core used between two CPU-time readings, if both are known."""
+    if before is None or after is None:
+        return None
+    return (after - before) / seconds
 
 
 def _own_cpu_seconds() -> float:

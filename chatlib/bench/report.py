@@ -237,21 +237,14 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
                 failed = engine in report.errors
                 checks += [TargetCheck(t, False if failed else None, why) for t in targets]
                 continue
-            if redis is None:
-                checks.append(TargetCheck(targets[0], None, "Redis not run"))
-            else:
-                ratio = result.deliveries_per_s / redis.deliveries_per_s
-                passed = ratio >= share if judged else None
-                checks.append(TargetCheck(targets[0], passed, f"{ratio:.0%}{off}"))
-            if mode != "typing":
-                continue
-            naive = results.get("naive")
-            if naive is None:
-                checks.append(TargetCheck(targets[1], None, "naive not run"))
-            else:
-                ratio = result.deliveries_per_s / naive.deliveries_per_s
-                passed = ratio >= times if judged else None
-                checks.append(TargetCheck(targets[1], passed, f"{ratio:.1f}x{off}"))
+            checks.append(
+                _check_ratio(targets[0], result, redis, "Redis", share, "{:.0%}", judged, off)
+            )
+            if mode == "typing":
+                naive = results.get("naive")
+                checks.append(
+                    _check_ratio(targets[1], result, naive, "naive", times, "{:.1f}x", judged, off)
+                )
 
     wanted = TARGETS["idle_clients"]
     kib, ms = TARGETS["asyncio_kib_per_client"], TARGETS["asyncio_broadcast_ms"]
@@ -366,6 +359,27 @@ def machine_info() -> dict[str, str]:
 
 
 # Private helpers
+
+
+def _check_ratio(
+    target: str,
+    result: FanoutResult,
+    baseline: FanoutResult | None,
+    baseline_name: str,
+    wanted: float,
+    shown_as: str,
+    judged: bool,
+    off: str,
+) -> TargetCheck:
+    """Check *result*'s deliveries/s against at least *wanted* times *baseline*'s.
+
+    The ratio is shown formatted with *shown_as*; unless *judged* (the run had
+    the targets' sizes), it neither passes nor fails.
+    """
+    if baseline is None:
+        return TargetCheck(target, None, f"{baseline_name} not run")
+    ratio = result.deliveries_per_s / baseline.deliveries_per_s
+    return TargetCheck(target, ratio >= wanted if judged else None, shown_as.format(ratio) + off)
 
 
 def _check_stop(report: BenchReport, engine: str) -> TargetCheck:

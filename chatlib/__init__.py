@@ -3,8 +3,8 @@
 The pieces, in the order the course meets them:
 
 - :mod:`chatlib.protocol` — framing, sanitising and commands (sans-I/O);
-- :mod:`chatlib.room` — the room: who is here and who gets what (sans-I/O);
-- :mod:`chatlib.engines` — servers that drive the room over real sockets,
+- :mod:`chatlib.chat` — the chat: who is here, in which room, and who gets what (sans-I/O);
+- :mod:`chatlib.engines` — servers that drive the chat over real sockets,
   with threads, a ``selectors`` loop, or ``asyncio``;
 - :mod:`chatlib.client` and :mod:`chatlib.aio_client` — clients;
 - :mod:`chatlib.widget` — a chat panel for JupyterLab.

@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
 
+from chatlib.chat import Chat, Limits
 from chatlib.protocol import CLIENT_MAX_LINE, READ_SIZE, LineFramer, encode_line
-from chatlib.room import Limits, Room
 
 __all__ = [
     "BackgroundReader",
@@ -325,7 +325,7 @@ class NaiveChatServer:
     Each client gets a thread that reads its lines; each line goes to every
     client (the sender too) as ``<guestN> text``, one ``sendall`` after
     another. ``sendall`` blocks while a receiver's buffers are full, so a
-    single client that stops reading holds the lock and stalls the room.
+    single client that stops reading holds the lock and stalls the chat.
 
     Same life cycle as chatlib's servers: ``start()``, ``address``, ``stop()``.
     With *nodelay* false, Nagle's algorithm stays on (the benchmark shows
@@ -539,7 +539,7 @@ def check_safe_clients(make_clients: Callable[[], object]) -> str:
 
 
 def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str:
-    """Check lesson 03's ``lines_before_drop(sendq, line_size)`` against a real Room.
+    """Check lesson 03's ``lines_before_drop(sendq, line_size)`` against a real Chat.
 
     The room is sans-I/O, so this needs no sockets: the engine of a client
     that stops reading reports the first line as unsent, and the room
@@ -547,18 +547,18 @@ def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str
     """
     cases = [(1000, 100), (1024, 20), (64 * 1024, 500)]
     for sendq, line_size in cases:
-        room = Room(Limits(sendq=sendq, rate=0, max_line=max(line_size, 512)))
-        stuck = room.connect("stuck", 0.0)
-        talker = room.connect("talker", 0.0)
-        room.take_ready()
+        chat = Chat(Limits(sendq=sendq, rate=0, max_line=max(line_size, 512)))
+        stuck = chat.connect("stuck", 0.0)
+        talker = chat.connect("talker", 0.0)
+        chat.take_ready()
         stuck.data_to_send()  # the welcome lines were written out
         text = "x" * (line_size - len("<guest2> ") - 1)
         sent = 0
         while stuck.state.name == "OPEN" and sent <= sendq:
-            room.receive_data(talker, encode_line(text), 0.0)
+            chat.receive_data(talker, encode_line(text), 0.0)
             talker.data_to_send()
             if sent == 0:  # the kernel takes none of it: the client has stopped reading
-                room.data_unsent(stuck, len(stuck.data_to_send()))
+                chat.data_unsent(stuck, len(stuck.data_to_send()))
             sent += 1
         got = lines_before_drop(sendq, line_size)
         assert got == sent - 1, (

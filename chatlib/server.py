@@ -25,9 +25,9 @@ import threading
 import time
 from typing import TextIO
 
+from chatlib.chat import Limits
 from chatlib.engines.base import ServerBase
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
-from chatlib.room import Limits
 
 __all__ = ["ENGINES", "LOG_FLUSH_TIMEOUT", "LOG_QUEUE_LINES", "create_server", "main"]
 

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from chatlib.room import Limits
+from chatlib.chat import Limits
 from chatlib.server import ENGINES, create_server
 from tests.helpers import LineClient, count_fds, wait_until
 

@@ -12,8 +12,8 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 
+from chatlib.chat import Chat, Connection, Limits, State
 from chatlib.protocol import parse_notice, parse_server_line
-from chatlib.room import Connection, Limits, Room, State
 
 #: How long a test waits for a line it expects. Generous: the machine is shared, and a
 #: deadline only bounds how long a failing test takes, never how long a passing one does.
@@ -237,18 +237,18 @@ class LineClient:
 # --- The room in memory, h11 style -------------------------------------------
 
 
-class RoomDriver:
-    """Drive a :class:`Room` as an engine would, with a fake clock and no sockets.
+class ChatDriver:
+    """Drive a :class:`Chat` as an engine would, with a fake clock and no sockets.
 
     After every call it acts on the ready connections exactly as the module docstring of
-    :mod:`chatlib.room` tells engines to, and collects what each would be sent into
+    :mod:`chatlib.chat` tells engines to, and collects what each would be sent into
     :attr:`inbox` (decoded strictly, checked for controls). Connections in :attr:`stalled`
     stand for clients that do not read: the first backlog they are given stays unsent, and
     they are given nothing more until :meth:`release`.
     """
 
     def __init__(self, **limits: object) -> None:
-        self.room = Room(Limits(**limits))
+        self.chat = Chat(Limits(**limits))
         self.now = 0.0
         self.inbox: dict[Connection, list[str]] = {}
         self.stalled: set[Connection] = set()
@@ -259,40 +259,40 @@ class RoomDriver:
         self.ended: dict[Connection, str] = {}
 
     def connect(self, peer: object = None) -> Connection:
-        conn = self.room.connect(peer, self.now)
+        conn = self.chat.connect(peer, self.now)
         self.inbox[conn] = []
         self._collect()
         return conn
 
     def send(self, conn: Connection, data: bytes | str) -> None:
-        self.room.receive_data(conn, data.encode() if isinstance(data, str) else data, self.now)
+        self.chat.receive_data(conn, data.encode() if isinstance(data, str) else data, self.now)
         self._collect()
 
     def say(self, conn: Connection, *lines: str) -> None:
         self.send(conn, "".join(line + "\n" for line in lines))
 
     def eof(self, conn: Connection) -> None:
-        self.room.receive_eof(conn, self.now)
+        self.chat.receive_eof(conn, self.now)
         self._collect()
 
     def deadline_reached(self, conn: Connection) -> None:
         """Tell the room that *conn*'s deadline is due (at the driver's :attr:`now`)."""
-        self.room.deadline_reached(conn, self.now)
+        self.chat.deadline_reached(conn, self.now)
         self._collect()
 
     def release(self, conn: Connection) -> None:
         """Let a stalled connection read again: its unsent backlog is delivered."""
         self.stalled.discard(conn)
         self._deliver(conn, self.unsent.pop(conn, b""))
-        self.room.data_unsent(conn, 0)
+        self.chat.data_unsent(conn, 0)
         self._collect()
 
     def lose(self, conn: Connection) -> None:
-        self.room.connection_lost(conn)
+        self.chat.connection_lost(conn)
         self._collect()
 
     def shut_down(self) -> None:
-        self.room.shut_down(self.now)
+        self.chat.shut_down(self.now)
         self._collect()
 
     def take(self, conn: Connection) -> list[str]:
@@ -304,7 +304,7 @@ class RoomDriver:
         return {conn: self.take(conn) for conn in self.inbox}
 
     def _collect(self) -> None:
-        while ready := self.room.take_ready():
+        while ready := self.chat.take_ready():
             for conn in ready:
                 self._act_on(conn)
 
@@ -317,13 +317,13 @@ class RoomDriver:
         if conn in self.stalled:
             if conn not in self.unsent:
                 self.unsent[conn] = conn.data_to_send()
-                self.room.data_unsent(conn, len(self.unsent[conn]))
+                self.chat.data_unsent(conn, len(self.unsent[conn]))
             return
         self._deliver(conn, conn.data_to_send())
-        self.room.data_unsent(conn, 0)
+        self.chat.data_unsent(conn, 0)
         if conn.state is State.CLOSING:
             self.ended[conn] = "our side ended"
-            self.room.eof_sent(conn)
+            self.chat.eof_sent(conn)
 
     def _deliver(self, conn: Connection, data: bytes) -> None:
         if data:

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from chatlib.aio_client import connect
+from chatlib.chat import Limits
 from chatlib.client import ChatClient
 from chatlib.lessons import LineClient
 from chatlib.protocol import CLIENT_MAX_LINE
-from chatlib.room import Limits
 from chatlib.server import ENGINES, create_server
 
 TIMEOUT = 10

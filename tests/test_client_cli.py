@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from chatlib.chat import Limits
 from chatlib.client import ChatClient
-from chatlib.room import Limits
 from chatlib.server import ENGINES, create_server
 
 TIMEOUT = 10

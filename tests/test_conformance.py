@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from chatlib.chat import Limits
 from chatlib.protocol import COMMANDS, parse_notice, parse_server_line
-from chatlib.room import Limits
 from chatlib.server import create_server
 from tests.helpers import LineClient, count_fds, forbidden_in, rss_bytes, wait_until
 

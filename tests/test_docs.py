@@ -1,7 +1,7 @@
 """Keep the docs in step with the code they describe.
 
-docs/engines.md draws the life of a connection from ``chatlib.room.LIFECYCLE``, and
-docs/protocol.md documents every limit of ``chatlib.room.Limits``: when the code changes,
+docs/engines.md draws the life of a connection from ``chatlib.chat.LIFECYCLE``, and
+docs/protocol.md documents every limit of ``chatlib.chat.Limits``: when the code changes,
 these tests fail and say what the docs must show instead. They open no socket.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from chatlib.room import LIFECYCLE, Limits, State
+from chatlib.chat import LIFECYCLE, Limits, State
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -52,10 +52,10 @@ def test_the_lifecycle_diagram_in_engines_md_is_drawn_from_the_room():
     paste = "\n".join(["```mermaid", *expected, "```"])
     assert len(diagrams) == 1, (
         f"docs/engines.md should hold one stateDiagram-v2 block, not {len(diagrams)}; "
-        f"chatlib.room.LIFECYCLE draws this one:\n{paste}"
+        f"chatlib.chat.LIFECYCLE draws this one:\n{paste}"
     )
     assert diagrams[0] == expected, (
-        "docs/engines.md's diagram no longer matches chatlib.room.LIFECYCLE; "
+        "docs/engines.md's diagram no longer matches chatlib.chat.LIFECYCLE; "
         f"replace it with:\n{paste}"
     )
 

@@ -63,7 +63,7 @@ def test_one_address_gets_max_per_address_connections(start_server, connect):
 def test_loopback_has_no_per_address_limit_by_default(start_server, connect):
     # Every notebook, test and benchmark client comes from 127.0.0.1.
     server = start_server(max_per_address=None)
-    assert server.room.limits.max_per_address == 0
+    assert server.chat.limits.max_per_address == 0
     clients = [connect(server) for _ in range(15)]
     assert len(clients[0].who()) == 15
 

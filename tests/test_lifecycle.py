@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
+from chatlib.chat import LINGER
 from chatlib.lessons import threads_named
-from chatlib.room import LINGER
 from chatlib.server import create_server
 from tests.helpers import ConnectionClosed, LineClient, count_fds, wait_until
 

@@ -167,7 +167,7 @@ def test_finish_drops_a_final_line_one_byte_over_the_limit():
 
 
 def _frame_with_has_line(framer: LineFramer, chunk: bytes, rounds: int) -> None:
-    # The loop Room._process uses: ask has_line() first, so next_line() never returns None.
+    # The loop Chat._process uses: ask has_line() first, so next_line() never returns None.
     for _ in range(rounds):
         framer.feed(chunk)
         while framer.has_line():

@@ -21,8 +21,8 @@ import pytest
 widgets = pytest.importorskip("ipywidgets")
 
 from chatlib import widget as widget_module  # noqa: E402
+from chatlib.chat import Limits  # noqa: E402
 from chatlib.protocol import CLIENT_MAX_LINE, ServerLine, format_notice  # noqa: E402
-from chatlib.room import Limits  # noqa: E402
 from chatlib.server import create_server  # noqa: E402
 from chatlib.widget import ChatPanel  # noqa: E402
 from tests.helpers import TIMEOUT, wait_until  # noqa: E402

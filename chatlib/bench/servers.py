@@ -42,7 +42,7 @@ CHATLIB_ENGINES = ("threads", "selectors", "asyncio")
 #: Every server :func:`start_server` knows, in the order reports list them.
 SERVER_KINDS = (*CHATLIB_ENGINES, "naive", "naive-nagle", "redis")
 
-# Room for the biggest crowd (10,000) and its senders, in every server. Redis's
+# Chat for the biggest crowd (10,000) and its senders, in every server. Redis's
 # default maxclients is 10,000, one short of a crowd of 10,000 and its publisher;
 # given more than the open-files limit allows, Redis lowers it to fit and says so.
 _MAX_CLIENTS = "20000"

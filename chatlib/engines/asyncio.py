@@ -13,10 +13,10 @@ Writes are coalesced as in the selectors engine: a callback only feeds the
 room and asks for one flush (``call_soon``) after everything else of this
 turn of the loop, which gives each client its whole backlog in one
 ``transport.write()``. While a client's transport still holds bytes the
-kernel has not taken, nothing more is taken from the room for it, so its
-backlog grows in the room, which drops it past the send-queue limit.
+kernel has not taken, nothing more is taken from the chat for it, so its
+backlog grows in the chat, which drops it past the send-queue limit.
 
-Only the loop's thread calls the room, so the room needs no lock; in
+Only the loop's thread calls the chat, so the chat needs no lock; in
 exchange, no callback may block, or every client waits. The loop can be
 one of its own, in a thread (:meth:`~ChatServer.serve_forever`, or the
 ``with`` block), or one that already runs, such as a JupyterLab kernel's
@@ -31,6 +31,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
+from chatlib.chat import LINGER, Connection, State
 from chatlib.engines.base import (
     ACCEPT_RETRY_DELAY,
     ServerBase,
@@ -40,7 +41,6 @@ from chatlib.engines.base import (
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
-from chatlib.room import LINGER, Connection, State
 
 __all__ = ["ChatServer"]
 
@@ -86,12 +86,12 @@ class _Client(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         if self.conn.state is not State.CLOSED:
-            self.server._act_on(self.conn, self)  # the room has no news of this
+            self.server._act_on(self.conn, self)  # the chat has no news of this
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None and self.conn.state is not State.CLOSED:
-            # A reset, or a failed write: the room decides what follows.
-            self.server.room.connection_lost(self.conn)
+            # A reset, or a failed write: the chat decides what follows.
+            self.server.chat.connection_lost(self.conn)
             self.server._act_on_ready_soon()
 
 
@@ -114,7 +114,7 @@ class ChatServer(ServerBase):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._clients: dict[Connection, _Client] = {}
-        # One buffer for every read: each is handed to the room (which
+        # One buffer for every read: each is handed to the chat (which
         # copies what it keeps) before the next one can start.
         self._read_buffer = memoryview(bytearray(READ_SIZE))
         self._act_scheduled = False
@@ -229,29 +229,29 @@ class ChatServer(ServerBase):
         set_keepalive(transport.get_extra_info("socket"))
         # Pause writing as soon as the kernel refuses part of a write, as
         # the selectors engine keeps its "unsent" bytes: a slow client's
-        # backlog then waits in the room, which enforces the send queue.
+        # backlog then waits in the chat, which enforces the send queue.
         transport.set_write_buffer_limits(high=0)
-        conn = self.room.connect(peer[:2], self._loop.time())
+        conn = self.chat.connect(peer[:2], self._loop.time())
         client.conn = conn
         self._clients[conn] = client
         self._act_on_ready_soon()
         self._log_connected(conn.peer)
 
     def _read(self, conn: Connection, client: _Client, size: int) -> None:
-        """Feed the room what the transport has read (0 bytes: the end)."""
+        """Feed the chat what the transport has read (0 bytes: the end)."""
         # The loop's clock is time.monotonic(), like the other engines'; the
         # room and call_at() must use the same one.
         now = self._loop.time()
         if size:
-            self.room.receive_data(conn, bytes(self._read_buffer[:size]), now)
+            self.chat.receive_data(conn, bytes(self._read_buffer[:size]), now)
         else:
-            self.room.receive_eof(conn, now)
+            self.chat.receive_eof(conn, now)
         self._act_on_ready_soon()
 
     def _write(self, conn: Connection, client: _Client) -> None:
         """Hand the client's backlog to its transport in one ``write()``.
 
-        Called for each client the room has news for, once per turn of the
+        Called for each client the chat has news for, once per turn of the
         loop, and when the transport has sent everything it held.
         """
         data = conn.data_to_send()
@@ -259,7 +259,7 @@ class ChatServer(ServerBase):
             # One write, and never writelines(): from Python 3.12.0 until
             # 3.12.9 and 3.13.2 it ignored flow control (CVE-2024-12254).
             client.transport.write(data)
-        self.room.data_unsent(conn, client.transport.get_write_buffer_size())
+        self.chat.data_unsent(conn, client.transport.get_write_buffer_size())
 
     def _end_our_side(self, conn: Connection, client: _Client) -> None:
         """Send our end of the stream after the goodbye; the client reads it all first."""
@@ -268,9 +268,9 @@ class ChatServer(ServerBase):
         except OSError:
             # With nothing buffered, write_eof() calls shutdown() at once,
             # which raises ENOTCONN once the peer has reset the connection.
-            self.room.connection_lost(conn)
+            self.chat.connection_lost(conn)
             return
-        self.room.eof_sent(conn)
+        self.chat.eof_sent(conn)
 
     def _finish(self, conn: Connection, client: _Client) -> None:
         """Close a ``CLOSED`` connection's transport and forget it."""
@@ -287,20 +287,20 @@ class ChatServer(ServerBase):
             self._all_gone.set_result(None)
 
     def _act_on_ready(self) -> None:
-        """Carry out what the room decided for every connection with news."""
+        """Carry out what the chat decided for every connection with news."""
         self._act_scheduled = False
         # Acting on one connection may give news to others (closing one
         # tells the rest): go on until there is none.
-        while ready := self.room.take_ready():
+        while ready := self.chat.take_ready():
             for conn in ready:
                 client = self._clients.get(conn)
                 if client is not None:  # None: finished earlier in this batch
                     self._act_on(conn, client)
 
     def _act_on(self, conn: Connection, client: _Client) -> None:
-        """Do what the connection's state asks for (see ``chatlib.room.LIFECYCLE``)."""
+        """Do what the connection's state asks for (see ``chatlib.chat.LIFECYCLE``)."""
         if conn.state is not State.CLOSED and client.transport.is_closing():
-            self.room.connection_lost(conn)  # a write failed; connection_lost() is on its way
+            self.chat.connection_lost(conn)  # a write failed; connection_lost() is on its way
         if conn.state is not State.CLOSED and not client.writing_paused:
             self._write(conn, client)
         # Otherwise resume_writing() brings us back once the transport drains.
@@ -324,8 +324,8 @@ class ChatServer(ServerBase):
 
     def _deadline_reached(self, conn: Connection, client: _Client) -> None:
         client.timer = None
-        if conn in self._clients:  # the room ignores deadlines that have moved
-            self.room.deadline_reached(conn, self._loop.time())
+        if conn in self._clients:  # the chat ignores deadlines that have moved
+            self.chat.deadline_reached(conn, self._loop.time())
             self._act_on_ready_soon()
 
     def _act_on_ready_soon(self) -> None:
@@ -374,7 +374,7 @@ class ChatServer(ServerBase):
         """Stop accepting, say goodbye; every leaving client is gone within LINGER."""
         try:
             self._server.close()
-            self.room.shut_down(self._loop.time())
+            self.chat.shut_down(self._loop.time())
             self._act_on_ready()
             if self._clients:
                 self._all_gone = self._loop.create_future()
@@ -383,7 +383,7 @@ class ChatServer(ServerBase):
                 await asyncio.wait([self._all_gone], timeout=2 * LINGER)
             # Only if deadlines were missed: nobody must be left holding a socket.
             for conn, client in list(self._clients.items()):
-                self.room.connection_lost(conn)
+                self.chat.connection_lost(conn)
                 self._finish(conn, client)
             await asyncio.sleep(0)  # abort() calls connection_lost() on the next turn
             await self._server.wait_closed()

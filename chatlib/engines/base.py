@@ -1,7 +1,7 @@
 """What every engine shares: the listening socket, the log, the life cycle.
 
 An engine is the I/O half of a chat server: it owns the sockets and moves
-bytes between them and a :class:`~chatlib.room.Room`, which decides
+bytes between them and a :class:`~chatlib.chat.Chat`, which decides
 everything else. The three engines (:mod:`~chatlib.engines.threads`,
 :mod:`~chatlib.engines.selectors`, :mod:`~chatlib.engines.asyncio`) differ
 only in how they wait for sockets to be ready.
@@ -17,8 +17,8 @@ import struct
 import threading
 from types import TracebackType
 
+from chatlib.chat import Chat, Limits
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
-from chatlib.room import Limits, Room
 
 __all__ = [
     "ACCEPT_RETRY_DELAY",
@@ -97,7 +97,7 @@ def set_keepalive(sock: socket.socket) -> None:
     """Turn TCP keepalive on for a client's socket, with :data:`KEEPALIVE`'s times.
 
     A client whose machine is gone never sends a reset: without probes its
-    connection would hold a place in the room for as long as the server
+    connection would hold a place in the chat for as long as the server
     runs. Where the platform lacks an option, its default applies.
     """
     with contextlib.suppress(OSError):  # the peer may be gone already
@@ -146,7 +146,7 @@ class ServerBase:
         self._listener = create_listener(host, port)
         #: ``(host, port)`` the server listens on; the real port if *port* was 0.
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
-        self.room = Room((limits or Limits()).for_listener(self.address[0]))
+        self.chat = Chat((limits or Limits()).for_listener(self.address[0]))
         self._thread: threading.Thread | None = None
 
     # --- Public methods -------------------------------------------------

@@ -3,16 +3,16 @@
 This is the classic ``select()`` chat server, and what asyncio does
 underneath. Every socket is non-blocking and registered with a selector;
 one thread asks it which sockets are ready, reads from those that have data,
-and only then, once per turn of the loop, writes to every client the room
+and only then, once per turn of the loop, writes to every client the chat
 has news for: each gets its whole backlog in one ``send()``, however many
 lines arrived for it during the turn.
 
 Whatever the kernel does not take stays in the client's ``unsent`` buffer
-until its socket is writable again, and nothing more is taken from the room
-meanwhile: a client that stops reading makes its backlog grow in the room,
+until its socket is writable again, and nothing more is taken from the chat
+meanwhile: a client that stops reading makes its backlog grow in the chat,
 which drops it once the two together pass the send-queue limit.
 
-Only this thread calls the room, so the room needs no lock; in exchange,
+Only this thread calls the chat, so the chat needs no lock; in exchange,
 nothing here may block, or every client waits.
 """
 
@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from chatlib.chat import LINGER, Connection, State
 from chatlib.engines.base import (
     ACCEPT_RETRY_DELAY,
     NO_SIGNAL,
@@ -37,7 +38,6 @@ from chatlib.engines.base import (
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
-from chatlib.room import LINGER, Connection, State
 
 __all__ = ["ChatServer"]
 
@@ -77,7 +77,7 @@ class ChatServer(ServerBase):
         self._listener.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._clients: dict[Connection, _Client] = {}
-        # (when, tie-breaker, callback, args), earliest first: the room's
+        # (when, tie-breaker, callback, args), earliest first: the chat's
         # deadlines and the accept retry. The tie-breaker keeps heapq from
         # ever comparing two callbacks.
         self._timers: list[tuple[float, int, Callable[..., None], tuple]] = []
@@ -114,14 +114,14 @@ class ChatServer(ServerBase):
             self._selector.unregister(self._wakeup)
             with contextlib.suppress(KeyError):  # not registered while paused
                 self._selector.unregister(self._listener)
-            self.room.shut_down(time.monotonic())
+            self.chat.shut_down(time.monotonic())
             self._act_on_ready()
             while self._clients:
                 self._run_once(self._time_to_next_timer())
         finally:
             # Only if the loop died: nobody must be left holding a socket.
             for conn, client in list(self._clients.items()):
-                self.room.connection_lost(conn)
+                self.chat.connection_lost(conn)
                 self._finish(conn, client)
             self._close()
             self._stopped.set()
@@ -147,50 +147,50 @@ class ChatServer(ServerBase):
         set_keepalive(sock)
         sock.setblocking(False)
         client = _Client(sock, address[:2])
-        conn = self.room.connect(client.peer, time.monotonic())
+        conn = self.chat.connect(client.peer, time.monotonic())
         self._clients[conn] = client
         self._log_connected(client.peer)
 
     def _read(self, conn: Connection, client: _Client) -> None:
-        """Feed the room what one ``recv()`` returns; the socket is readable."""
+        """Feed the chat what one ``recv()`` returns; the socket is readable."""
         try:
             data = client.sock.recv(READ_SIZE)
         except BlockingIOError:
             return  # nothing after all; select() will tell us again
         except OSError:
-            self.room.connection_lost(conn)  # reset by the peer
+            self.chat.connection_lost(conn)  # reset by the peer
             return
         if data:
-            self.room.receive_data(conn, data, time.monotonic())
+            self.chat.receive_data(conn, data, time.monotonic())
         else:
-            self.room.receive_eof(conn, time.monotonic())
+            self.chat.receive_eof(conn, time.monotonic())
 
     def _write(self, conn: Connection, client: _Client) -> None:
         """Send the client its backlog, as much as the kernel takes now.
 
-        Called for each client the room has news for, once per turn of the
+        Called for each client the chat has news for, once per turn of the
         loop, and whenever a socket with unsent bytes becomes writable.
         """
         try:
             if client.unsent:
                 client.unsent = _send_some(client.sock, client.unsent)
             if not client.unsent:
-                # Only now take more from the room, so that a client that
+                # Only now take more from the chat, so that a client that
                 # does not read costs one backlog here at most.
                 client.unsent = _send_some(client.sock, conn.data_to_send())
         except OSError:
-            self.room.connection_lost(conn)  # reset by the peer, or a broken pipe
+            self.chat.connection_lost(conn)  # reset by the peer, or a broken pipe
             return
-        self.room.data_unsent(conn, len(client.unsent))
+        self.chat.data_unsent(conn, len(client.unsent))
 
     def _end_our_side(self, conn: Connection, client: _Client) -> None:
         """Send our end of the stream after the goodbye; the client reads it all first."""
         try:
             client.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self.room.connection_lost(conn)  # the peer is gone already
+            self.chat.connection_lost(conn)  # the peer is gone already
             return
-        self.room.eof_sent(conn)
+        self.chat.eof_sent(conn)
 
     def _finish(self, conn: Connection, client: _Client) -> None:
         """Close a ``CLOSED`` connection's socket and forget it."""
@@ -203,17 +203,17 @@ class ChatServer(ServerBase):
         self._log_disconnected(client.peer)
 
     def _act_on_ready(self) -> None:
-        """Carry out what the room decided for every connection with news."""
+        """Carry out what the chat decided for every connection with news."""
         # Acting on one connection may give news to others (closing one
         # tells the rest): go on until there is none.
-        while ready := self.room.take_ready():
+        while ready := self.chat.take_ready():
             for conn in ready:
                 client = self._clients.get(conn)
                 if client is not None:  # None: finished earlier in this batch
                     self._act_on(conn, client)
 
     def _act_on(self, conn: Connection, client: _Client) -> None:
-        """Do what the connection's state asks for (see ``chatlib.room.LIFECYCLE``)."""
+        """Do what the connection's state asks for (see ``chatlib.chat.LIFECYCLE``)."""
         if conn.state is not State.CLOSED and not client.unsent:
             self._write(conn, client)
         # Otherwise _write takes the backlog once the socket drains.
@@ -228,8 +228,8 @@ class ChatServer(ServerBase):
         self._watch(conn, client)
 
     def _deadline_reached(self, conn: Connection, client: _Client) -> None:
-        if conn in self._clients:  # the room ignores deadlines that have moved
-            self.room.deadline_reached(conn, time.monotonic())
+        if conn in self._clients:  # the chat ignores deadlines that have moved
+            self.chat.deadline_reached(conn, time.monotonic())
 
     def _wake_loop(self) -> None:
         # select() has no portable way to be interrupted from another
@@ -255,7 +255,7 @@ class ChatServer(ServerBase):
                     self._read(conn, client)
                 if events & _WRITE and conn.state is not State.CLOSED:
                     self._write(conn, client)
-                    self._act_on(conn, client)  # the room has no news of this
+                    self._act_on(conn, client)  # the chat has no news of this
         self._run_timers()
         self._act_on_ready()
 

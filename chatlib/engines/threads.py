@@ -2,27 +2,27 @@
 
 This is the classic design, made safe and fast. As in any textbook chat
 server, each client has a thread that blocks in ``recv()`` and hands what
-arrives to the room. But no thread ever waits to send to someone else:
+arrives to the chat. But no thread ever waits to send to someone else:
 
-- one *sender* thread writes out what the room queued, to every client that
+- one *sender* thread writes out what the chat queued, to every client that
   has news, with sends that never block. While it works, more lines pile up,
   and the next round sends each client all of them in one ``send()``. A
-  reader that has fed the room a read's worth in one round waits for that
+  reader that has fed the chat a read's worth in one round waits for that
   round to be sent before it reads again, so a flooder cannot outrun the
   sender;
 - what the kernel will not take at once (the client is slow, or not reading)
   goes to that client's own *writer* thread, started the first time it is
   needed, which may block in ``sendall()``: that delays this one client,
-  whose lines meanwhile pile up in the room until the send-queue limit drops
+  whose lines meanwhile pile up in the chat until the send-queue limit drops
   it. A client that keeps up costs one thread, its reader;
 - the sender also keeps every connection's deadline: it cuts off a leaving
   client still there when it passes, so no thread waits without a bound,
-  and it lets the room close idle clients whose readers wait in ``recv()``;
+  and it lets the chat close idle clients whose readers wait in ``recv()``;
 - the *acceptor* answers a full server's refusals itself, with a selector,
   so a client turned away costs no thread of its own (Apache's event MPM
   hands its lingering closes to its listener thread the same way).
 
-All calls into the room happen under one lock, so the room itself needs no
+All calls into the chat happen under one lock, so the chat itself needs no
 locking and every client sees the messages in the same order.
 """
 
@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from chatlib.chat import LINGER, Connection, State
 from chatlib.engines.base import (
     ACCEPT_RETRY_DELAY,
     NO_SIGNAL,
@@ -48,7 +49,6 @@ from chatlib.engines.base import (
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
-from chatlib.room import LINGER, Connection, State
 
 __all__ = ["ChatServer"]
 
@@ -92,7 +92,7 @@ class _Client:
         self.sending = False
         #: The deadline the sender keeps for it, so that each is kept once.
         self.timer_at: float | None = None
-        #: How many bytes its reader fed the room for the sender's round
+        #: How many bytes its reader fed the chat for the sender's round
         #: ``read_round``: past one read's worth, it waits for that round.
         self.read_round = -1
         self.read_this_round = 0
@@ -114,11 +114,11 @@ class ChatServer(ServerBase):
         super().__init__(*args, **kwargs)
         self._listener.setblocking(False)
         self._lock = threading.Lock()
-        #: Notified whenever the room may have news for the sender.
+        #: Notified whenever the chat may have news for the sender.
         self._news = threading.Condition(self._lock)
         #: Notified when the sender has finished a round.
         self._round_sent = threading.Condition(self._lock)
-        self._round = 0  # the round that takes what the room queues now
+        self._round = 0  # the round that takes what the chat queues now
         self._rounds_sent = -1
         self._clients: dict[Connection, _Client] = {}
         # (deadline, tie-breaker, connection), earliest first.
@@ -178,7 +178,7 @@ class ChatServer(ServerBase):
         # reaches every member.
         self._acceptor_done.wait(LINGER)
         with self._lock:
-            self.room.shut_down(time.monotonic())
+            self.chat.shut_down(time.monotonic())
             self._news.notify()
             clients = list(self._clients.values())
         # Every leaving client has a deadline of LINGER, which the sender
@@ -205,11 +205,11 @@ class ChatServer(ServerBase):
         client = _Client(sock, address[:2], self._lock)
         with self._lock:
             if self._stopping.is_set():
-                # Accepted just as we stopped: stop() says goodbye to the room
+                # Accepted just as we stopped: stop() says goodbye to the chat
                 # once we are done here, and this one would miss it.
                 sock.close()
                 return
-            conn = self.room.connect(client.peer, time.monotonic())
+            conn = self.chat.connect(client.peer, time.monotonic())
             turned_away = conn.state is not State.OPEN
             if not turned_away:
                 self._clients[conn] = client
@@ -234,12 +234,12 @@ class ChatServer(ServerBase):
             thread.start()
         except RuntimeError as error:  # "can't start new thread": only this client pays
             log.warning("[REFUSED] %s: %s.", client.peer, error)
-            self.room.connection_lost(conn)
+            self.chat.connection_lost(conn)
             return None
         return thread
 
     def _read(self, conn: Connection, client: _Client) -> None:
-        """Feed the room what the client sends; the reader thread's body."""
+        """Feed the chat what the client sends; the reader thread's body."""
         try:
             while True:
                 with self._lock:
@@ -256,7 +256,7 @@ class ChatServer(ServerBase):
                         if timeout is None or timeout > 0:
                             client.wakeup.wait(timeout)
                         else:
-                            self.room.deadline_reached(conn, time.monotonic())
+                            self.chat.deadline_reached(conn, time.monotonic())
                             self._news.notify()
                         continue
                 data = client.sock.recv(READ_SIZE)
@@ -264,16 +264,16 @@ class ChatServer(ServerBase):
                     if conn.state is State.CLOSED:
                         break  # cut off while we waited: there is nobody to tell
                     if data:
-                        self.room.receive_data(conn, data, time.monotonic())
+                        self.chat.receive_data(conn, data, time.monotonic())
                     else:
-                        self.room.receive_eof(conn, time.monotonic())
+                        self.chat.receive_eof(conn, time.monotonic())
                     self._news.notify()
                     if client.read_round != self._round:
                         client.read_round, client.read_this_round = self._round, 0
                     client.read_this_round += len(data)
                     if client.read_this_round >= READ_SIZE:
                         # Read no more until the sender has offered what this
-                        # round took from us to the kernel: what the room
+                        # round took from us to the kernel: what the chat
                         # holds stays bounded (about one read's fan-out per
                         # reader), and the sender cannot be outrun. A client
                         # that types never waits here.
@@ -281,15 +281,15 @@ class ChatServer(ServerBase):
                         self._round_sent.wait_for(lambda r=this_round: self._rounds_sent >= r)
         except OSError:
             with self._lock:  # reset by the peer, or cut off by us
-                self.room.connection_lost(conn)
+                self.chat.connection_lost(conn)
                 self._news.notify()
         self._finish(conn, client)
 
     def _send(self) -> None:
-        """Write out what the room queues, round after round; the sender's body."""
+        """Write out what the chat queues, round after round; the sender's body."""
         while True:
             with self._lock:
-                while not (ready := self.room.take_ready()):
+                while not (ready := self.chat.take_ready()):
                     # Nothing waits to be sent: the round under way is done.
                     self._rounds_sent = self._round
                     self._round += 1
@@ -301,7 +301,7 @@ class ChatServer(ServerBase):
                 output = self._act_on_ready(ready)
                 this_round = self._round
                 self._round += 1
-            # Outside the lock: readers go on feeding the room meanwhile,
+            # Outside the lock: readers go on feeding the chat meanwhile,
             # and their lines make up the next round.
             for conn, client, data, last in output:
                 self._send_now(conn, client, data, last)
@@ -328,13 +328,13 @@ class ChatServer(ServerBase):
             sent = 0
         except OSError:
             with self._lock:  # reset by the peer, or a broken pipe
-                self.room.connection_lost(conn)
+                self.chat.connection_lost(conn)
             return
         if sent < len(data):
             with self._lock:
                 client.slow = True
                 client.unsent = data[sent:]
-                self.room.data_unsent(conn, len(client.unsent))
+                self.chat.data_unsent(conn, len(client.unsent))
                 if client.writer is None and conn.state is not State.CLOSED:
                     client.writer = self._start_thread(conn, client, self._write)
                 client.wakeup.notify_all()
@@ -347,11 +347,11 @@ class ChatServer(ServerBase):
                     client.wakeup.wait_for(lambda: client.slow or conn.state is State.CLOSED)
                     if conn.state is State.CLOSED:
                         return
-                    # Only now take more from the room, so that a client that
+                    # Only now take more from the chat, so that a client that
                     # does not read costs one backlog here at most.
                     data = client.unsent + conn.data_to_send()
                     client.unsent = b""
-                    self.room.data_unsent(conn, len(data))
+                    self.chat.data_unsent(conn, len(data))
                     if conn.state is State.CLOSED:
                         return  # that backlog was past the send queue
                     if not data and conn.state is State.OPEN:
@@ -366,7 +366,7 @@ class ChatServer(ServerBase):
                     return
         except OSError:
             with self._lock:
-                self.room.connection_lost(conn)
+                self.chat.connection_lost(conn)
                 self._news.notify()
 
     def _end_our_side(self, conn: Connection, client: _Client) -> None:
@@ -375,11 +375,11 @@ class ChatServer(ServerBase):
             client.sock.shutdown(socket.SHUT_WR)
         except OSError:
             with self._lock:
-                self.room.connection_lost(conn)  # the peer is gone already
+                self.chat.connection_lost(conn)  # the peer is gone already
                 self._news.notify()
             return
         with self._lock:
-            self.room.eof_sent(conn)
+            self.chat.eof_sent(conn)
             self._news.notify()
 
     def _finish(self, conn: Connection, client: _Client) -> None:
@@ -406,7 +406,7 @@ class ChatServer(ServerBase):
     def _act_on_ready(
         self, ready: list[Connection]
     ) -> list[tuple[Connection, _Client, bytes, bool]]:
-        """Carry out what the room decided for every connection with news.
+        """Carry out what the chat decided for every connection with news.
 
         Runs under the lock. Returns what the sender should write; a slow
         client's writer takes its backlog itself.
@@ -439,12 +439,12 @@ class ChatServer(ServerBase):
         return output
 
     def _reach_deadlines(self) -> bool:
-        """Tell the room about every deadline that has passed; return whether any had."""
+        """Tell the chat about every deadline that has passed; return whether any had."""
         now = time.monotonic()
         passed = False
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, conn = heapq.heappop(self._deadlines)
-            self.room.deadline_reached(conn, now)
+            self.chat.deadline_reached(conn, now)
             passed = True
         return passed
 
@@ -471,7 +471,7 @@ class ChatServer(ServerBase):
             self._accept(sock, address)
 
     def _turn_away(self, conn: Connection, sock: socket.socket) -> None:
-        """Send a client the room refused its line and our end of stream, and drain it."""
+        """Send a client the chat refused its line and our end of stream, and drain it."""
         sock.setblocking(False)
         try:
             # A fresh socket's buffer always takes one short line.
@@ -479,10 +479,10 @@ class ChatServer(ServerBase):
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             with self._lock:
-                self.room.connection_lost(conn)
+                self.chat.connection_lost(conn)
         else:
             with self._lock:
-                self.room.eof_sent(conn)
+                self.chat.eof_sent(conn)
         self._turned_away[sock] = conn
         if conn.state is State.CLOSED:
             self._close_turned_away(sock)
@@ -500,7 +500,7 @@ class ChatServer(ServerBase):
             ended = True
         if ended:
             with self._lock:
-                self.room.receive_eof(conn, time.monotonic())
+                self.chat.receive_eof(conn, time.monotonic())
             self._close_turned_away(sock)
 
     def _close_late_turned_away(self) -> None:
@@ -508,7 +508,7 @@ class ChatServer(ServerBase):
         late = [sock for sock, conn in self._turned_away.items() if conn.deadline <= now]
         for sock in late:
             with self._lock:
-                self.room.deadline_reached(self._turned_away[sock], now)
+                self.chat.deadline_reached(self._turned_away[sock], now)
             self._close_turned_away(sock)
 
     def _close_turned_away(self, sock: socket.socket) -> None:

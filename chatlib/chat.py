@@ -1,20 +1,20 @@
 """The chat room, without any I/O: who is here, who gets what, and when to close.
 
-A :class:`Room` holds one :class:`Connection` per client. An engine (threads,
+A :class:`Chat` holds one :class:`Connection` per client. An engine (threads,
 selectors or asyncio) owns the sockets and carries out what the room decides,
 mechanically:
 
-1. tell the room what happened: :meth:`Room.connect` for a new client,
-   :meth:`Room.receive_data` for bytes read, :meth:`Room.receive_eof` when
-   the client ended its side, :meth:`Room.deadline_reached` when a
+1. tell the room what happened: :meth:`Chat.connect` for a new client,
+   :meth:`Chat.receive_data` for bytes read, :meth:`Chat.receive_eof` when
+   the client ended its side, :meth:`Chat.deadline_reached` when a
    connection's :attr:`~Connection.deadline` is due, and
-   :meth:`Room.connection_lost` when its socket fails;
+   :meth:`Chat.connection_lost` when its socket fails;
 2. after each call, take the connections with news from
-   :meth:`Room.take_ready` (until it returns none) and act on each as its
+   :meth:`Chat.take_ready` (until it returns none) and act on each as its
    :attr:`~Connection.state` says (see :data:`LIFECYCLE`): write out
-   :meth:`Connection.data_to_send` and report with :meth:`Room.data_unsent`
+   :meth:`Connection.data_to_send` and report with :meth:`Chat.data_unsent`
    what the kernel did not take; once a ``CLOSING`` connection has nothing
-   left to write, end our side of the stream and call :meth:`Room.eof_sent`;
+   left to write, end our side of the stream and call :meth:`Chat.eof_sent`;
    close a ``CLOSED`` one (abortively if :attr:`~Connection.cut_off`) and
    forget it: the room has forgotten it already;
 3. read from a connection only while :attr:`Connection.reading` is true.
@@ -50,9 +50,9 @@ __all__ = [
     "LIFECYCLE",
     "LINGER",
     "PER_ADDRESS_BEYOND_LOOPBACK",
+    "Chat",
     "Connection",
     "Limits",
-    "Room",
     "State",
 ]
 
@@ -154,7 +154,7 @@ class State(enum.Enum):
     #: what is queued.
     OPEN = "open"
     #: Out of the room, saying goodbye. Write what is queued, then end our
-    #: side of the stream (``SHUT_WR``) and call :meth:`Room.eof_sent`.
+    #: side of the stream (``SHUT_WR``) and call :meth:`Chat.eof_sent`.
     #: Read and drop what the client still sends.
     CLOSING = "closing"
     #: Our side has ended. Read and drop what the client sends until it ends
@@ -214,8 +214,8 @@ class Connection:
         "state",
     )
 
-    def __init__(self, room: Room, peer: object, name: str, now: float) -> None:
-        #: Whatever the engine passed to :meth:`Room.connect`, for its logs.
+    def __init__(self, room: Chat, peer: object, name: str, now: float) -> None:
+        #: Whatever the engine passed to :meth:`Chat.connect`, for its logs.
         self.peer = peer
         #: Where the client comes from, as the per-address limits count it.
         self.address = _address_of(peer)
@@ -223,7 +223,7 @@ class Connection:
         self.name = name
         #: See :class:`State`.
         self.state = State.OPEN
-        #: When to call :meth:`Room.deadline_reached`, or ``None``. While the
+        #: When to call :meth:`Chat.deadline_reached`, or ``None``. While the
         #: connection is ``OPEN``, the room checks then whether the client
         #: may go on after a flood, or has been idle too long; once it leaves,
         #: it is when the client is cut off if it has not ended its side.
@@ -264,7 +264,7 @@ class Connection:
 
         All lines queued since the last call come out as one ``bytes``, so
         an engine writes a client's whole backlog with one system call.
-        Then tell the room with :meth:`Room.data_unsent` how much of it the
+        Then tell the room with :meth:`Chat.data_unsent` how much of it the
         kernel did not take, and take more only once that is written.
         """
         data = b"".join(self._outgoing)
@@ -276,7 +276,7 @@ class Connection:
         return f"<Connection {self.name} {self.state.name}>"
 
 
-class Room:
+class Chat:
     """Everyone connected to one server, and the rules of the chat."""
 
     def __init__(self, limits: Limits | None = None) -> None:

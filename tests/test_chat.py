@@ -1,4 +1,4 @@
-"""The room with no sockets: drive Room directly and read what each client would be sent."""
+"""The room with no sockets: drive Chat directly and read what each client would be sent."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chatlib.chat import LIFECYCLE, LINGER, Chat, Limits, State
 from chatlib.protocol import CLIENT_MAX_LINE, COMMANDS, parse_notice, parse_server_line
-from chatlib.room import LIFECYCLE, LINGER, Limits, Room, State
-from tests.helpers import RoomDriver
+from tests.helpers import ChatDriver
 
 NO_FLOOD = {"rate": 0}
 BYE_ALL = "*** The server is shutting down. Bye!"
@@ -30,7 +30,7 @@ def notices(lines):
 
 @pytest.fixture
 def driver():
-    return RoomDriver(**NO_FLOOD)
+    return ChatDriver(**NO_FLOOD)
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_a_new_client_gets_a_guest_name_and_a_welcome(driver):
         "*** Welcome to chatlib, guest2! Choose a name with /nick NAME; /help lists the commands."
     )
     assert members == "*** Online (2): guest1, guest2"
-    assert driver.room.members == ["guest1", "guest2"]
+    assert driver.chat.members == ["guest1", "guest2"]
 
 
 def test_a_join_is_announced_to_the_others_only(driver):
@@ -97,7 +97,7 @@ def test_a_leave_is_announced_to_the_others(trio, driver):
     driver.lose(bob)
     assert driver.take(alice) == ["*** bob left."]
     assert driver.take(carol) == ["*** bob left."]
-    assert driver.room.members == ["alice", "carol"]
+    assert driver.chat.members == ["alice", "carol"]
     assert bob.state is State.CLOSED
 
 
@@ -254,7 +254,7 @@ def test_quit_says_bye_and_closes(trio, driver, line):
     assert driver.take(bob) == ["*** alice left."]
     assert alice.state is State.DRAINING
     assert driver.ended[alice] == "our side ended"
-    assert driver.room.members == ["bob", "carol"]
+    assert driver.chat.members == ["bob", "carol"]
 
 
 def test_an_unknown_command_gets_an_error(trio, driver):
@@ -275,7 +275,7 @@ def test_commands_ignore_case(trio, driver):
 
 
 def test_an_overlong_line_is_never_relayed_and_the_sender_told():
-    driver = RoomDriver(max_line=16, **NO_FLOOD)
+    driver = ChatDriver(max_line=16, **NO_FLOOD)
     alice, bob = driver.connect(), driver.connect()
     driver.take_all()
     driver.say(alice, "x" * 17, "y" * 16)
@@ -287,7 +287,7 @@ def test_an_overlong_line_is_never_relayed_and_the_sender_told():
 
 
 def test_an_endless_line_is_reported_before_it_ends():
-    driver = RoomDriver(max_line=16, **NO_FLOOD)
+    driver = ChatDriver(max_line=16, **NO_FLOOD)
     alice, bob = driver.connect(), driver.connect()
     driver.take_all()
     for _ in range(100):
@@ -298,7 +298,7 @@ def test_an_endless_line_is_reported_before_it_ends():
 
 
 def test_short_lines_do_not_pile_up_in_memory():
-    driver = RoomDriver(**NO_FLOOD)
+    driver = ChatDriver(**NO_FLOOD)
     alice = driver.connect()
     driver.say(alice, "warm up")
     tracemalloc.start()
@@ -317,7 +317,7 @@ def test_short_lines_do_not_pile_up_in_memory():
 def test_invalid_utf8_comes_out_as_valid_utf8(trio, driver):
     # Not 0xFF: that is Telnet's command byte, taken out before decoding.
     driver.send(trio[0], b"caf\xc3 \xfe ok \xed\xa0\x80\n")
-    # RoomDriver decodes strictly: invalid UTF-8 would fail here.
+    # ChatDriver decodes strictly: invalid UTF-8 would fail here.
     assert driver.take(trio[1]) == ["<alice> caf\ufffd \ufffd ok \ufffd\ufffd\ufffd"]
 
 
@@ -343,17 +343,17 @@ def test_escape_injection_is_neutralised(trio, driver, sent, shown):
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.binary(max_size=80), max_size=8))
 def test_any_bytes_in_give_clean_utf8_out(chunks):
-    driver = RoomDriver(max_line=40, **NO_FLOOD)
+    driver = ChatDriver(max_line=40, **NO_FLOOD)
     sender, other = driver.connect(), driver.connect()
     for chunk in chunks:
-        driver.send(sender, chunk)  # RoomDriver checks every line sent out
+        driver.send(sender, chunk)  # ChatDriver checks every line sent out
     driver.eof(sender)
     assert driver.ended[sender] == "closed"  # both sides ended cleanly
     assert ("left", {"name": sender.name}) in notices(driver.take(other))
 
 
 def test_a_client_over_its_send_queue_is_dropped():
-    driver = RoomDriver(sendq=1000, **NO_FLOOD)
+    driver = ChatDriver(sendq=1000, **NO_FLOOD)
     reader, sleeper, sender = driver.connect(), driver.connect(), driver.connect()
     driver.stalled.add(sleeper)
     driver.take_all()
@@ -365,7 +365,7 @@ def test_a_client_over_its_send_queue_is_dropped():
     assert sleeper.state is State.CLOSED
     assert driver.ended[sleeper] == "cut off"
     assert sleeper.data_to_send() == b""  # its queue was freed
-    assert driver.room.members == ["guest1", "guest3"]
+    assert driver.chat.members == ["guest1", "guest3"]
     lines = driver.take(reader)
     assert lines[-1] == "*** guest2 left (send queue exceeded)."
     assert sum(line.startswith("<") for line in lines) == sent
@@ -374,7 +374,7 @@ def test_a_client_over_its_send_queue_is_dropped():
 
 
 def test_a_reading_client_is_never_dropped():
-    driver = RoomDriver(sendq=1000, **NO_FLOOD)
+    driver = ChatDriver(sendq=1000, **NO_FLOOD)
     reader, sender = driver.connect(), driver.connect()
     for _ in range(100):
         driver.say(sender, "x" * 80)
@@ -385,7 +385,7 @@ def test_a_reading_client_is_never_dropped():
 
 
 def test_a_burst_passes_then_lines_are_delayed_not_lost():
-    driver = RoomDriver(rate=2, burst=3)
+    driver = ChatDriver(rate=2, burst=3)
     flooder, other = driver.connect(), driver.connect()
     driver.take_all()
     driver.say(flooder, *[f"line {i}" for i in range(6)])
@@ -411,7 +411,7 @@ def test_a_burst_passes_then_lines_are_delayed_not_lost():
 
 
 def test_resuming_early_delays_again():
-    driver = RoomDriver(rate=4, burst=1)
+    driver = ChatDriver(rate=4, burst=1)
     flooder, other = driver.connect(), driver.connect()
     driver.say(flooder, "a", "b")
     driver.take_all()
@@ -426,7 +426,7 @@ def test_resuming_early_delays_again():
 
 
 def test_the_budget_refills_at_the_rate_up_to_the_burst():
-    driver = RoomDriver(rate=2, burst=3)
+    driver = ChatDriver(rate=2, burst=3)
     flooder, other = driver.connect(), driver.connect()
     driver.say(flooder, "a", "b", "c")
     driver.now = 1.0  # two lines' worth back
@@ -441,7 +441,7 @@ def test_the_budget_refills_at_the_rate_up_to_the_burst():
 
 
 def test_the_slow_down_notice_is_sent_once_per_flood():
-    driver = RoomDriver(rate=10, burst=2)
+    driver = ChatDriver(rate=10, burst=2)
     flooder = driver.connect()
     driver.take(flooder)
     driver.say(flooder, *"abcde")
@@ -454,7 +454,7 @@ def test_the_slow_down_notice_is_sent_once_per_flood():
 
 
 def test_rate_zero_turns_flood_control_off():
-    driver = RoomDriver(rate=0, burst=1)
+    driver = ChatDriver(rate=0, burst=1)
     flooder, other = driver.connect(), driver.connect()
     driver.take_all()
     driver.say(flooder, *[str(i) for i in range(500)])
@@ -464,7 +464,7 @@ def test_rate_zero_turns_flood_control_off():
 
 
 def test_default_limits_throttle_after_a_burst_of_ten():
-    driver = RoomDriver()
+    driver = ChatDriver()
     flooder, other = driver.connect(), driver.connect()
     driver.take_all()
     driver.say(flooder, *[str(i) for i in range(12)])
@@ -484,11 +484,11 @@ def test_eof_delivers_the_final_line_then_closes(trio, driver):
     assert driver.take(bob) == ["<alice> last words", "*** alice left."]
     assert driver.take(alice) == ["<alice> last words"]
     assert driver.ended[alice] == "closed"
-    assert driver.room.members == ["bob", "carol"]
+    assert driver.chat.members == ["bob", "carol"]
 
 
 def test_eof_while_throttled_keeps_the_lines():
-    driver = RoomDriver(rate=1, burst=1)
+    driver = ChatDriver(rate=1, burst=1)
     flooder, other = driver.connect(), driver.connect()
     driver.take_all()
     driver.send(flooder, "one\ntwo\nthree")
@@ -507,7 +507,7 @@ def test_eof_while_throttled_keeps_the_lines():
 
 
 def test_a_final_line_over_the_limit_is_not_relayed_at_eof():
-    driver = RoomDriver(max_line=16, **NO_FLOOD)
+    driver = ChatDriver(max_line=16, **NO_FLOOD)
     alice, bob = driver.connect(), driver.connect()
     driver.take_all()
     driver.send(alice, "x" * 17)
@@ -517,14 +517,14 @@ def test_a_final_line_over_the_limit_is_not_relayed_at_eof():
 
 
 def test_a_full_room_turns_the_next_client_away():
-    driver = RoomDriver(max_clients=2, **NO_FLOOD)
+    driver = ChatDriver(max_clients=2, **NO_FLOOD)
     first, second = driver.connect(), driver.connect()
     driver.take_all()
     extra = driver.connect()
     assert driver.ended[extra] == "our side ended"
     assert driver.take(extra) == ["*** Sorry, the server is full (2 clients)."]
     assert driver.take(first) == [] and driver.take(second) == []
-    assert driver.room.members == ["guest1", "guest2"]
+    assert driver.chat.members == ["guest1", "guest2"]
     driver.say(extra, "let me in")  # ignored: it is not in the room
     driver.lose(extra)
     assert driver.take_all() == {first: [], second: [], extra: []}
@@ -533,22 +533,22 @@ def test_a_full_room_turns_the_next_client_away():
     newcomer = driver.connect()
     assert newcomer.state is State.OPEN
     assert driver.take(newcomer)[0].startswith("*** Welcome to chatlib, ")
-    assert len(driver.room.members) == 2
+    assert len(driver.chat.members) == 2
 
 
 def test_shut_down_says_bye_to_everyone(trio, driver):
     driver.shut_down()
     assert driver.take_all() == {conn: [BYE_ALL] for conn in trio}
     assert all(driver.ended[conn] == "our side ended" for conn in trio)
-    assert driver.room.members == []
+    assert driver.chat.members == []
 
 
 def test_take_ready_returns_each_connection_once(trio, driver):
-    room = driver.room
-    room.receive_data(trio[0], b"a\nb\n", 0.0)
-    ready = room.take_ready()
+    chat = driver.chat
+    chat.receive_data(trio[0], b"a\nb\n", 0.0)
+    ready = chat.take_ready()
     assert sorted(conn.name for conn in ready) == ["alice", "bob", "carol"]
-    assert room.take_ready() == []
+    assert chat.take_ready() == []
     assert trio[1].data_to_send() == b"<alice> a\n<alice> b\n"
     assert trio[1].data_to_send() == b""
 
@@ -573,7 +573,7 @@ def test_useless_limits_are_refused(limits, complaint):
 
 def test_a_goodbye_that_overflows_a_send_queue_at_shutdown_drops_that_client_only():
     # Fault: shut_down() raised KeyError when the goodbye pushed a member past --sendq.
-    driver = RoomDriver(sendq=550, **NO_FLOOD)
+    driver = ChatDriver(sendq=550, **NO_FLOOD)
     reader, sleeper = driver.connect(), driver.connect()
     driver.stalled.add(sleeper)
     driver.say(reader, "x" * 200)  # the sleeper takes this backlog and sends none of it
@@ -583,7 +583,7 @@ def test_a_goodbye_that_overflows_a_send_queue_at_shutdown_drops_that_client_onl
     assert driver.ended[sleeper] == "cut off"
     assert driver.ended[reader] == "our side ended"
     assert driver.take(reader)[-1] == BYE_ALL
-    assert driver.room.members == []
+    assert driver.chat.members == []
 
 
 def test_hundreds_of_clients_dropped_at_once_do_not_recurse():
@@ -591,14 +591,14 @@ def test_hundreds_of_clients_dropped_at_once_do_not_recurse():
     # recursion per dropped client; about 350 raised RecursionError.
     count = 600  # about 350 were enough to raise RecursionError
     # Every leave announced, as in a small room: the notices are what used to recurse.
-    driver = RoomDriver(sendq=2000, max_clients=count + 1, announce_up_to=count + 1, **NO_FLOOD)
+    driver = ChatDriver(sendq=2000, max_clients=count + 1, announce_up_to=count + 1, **NO_FLOOD)
     sleepers = [driver.connect() for _ in range(count)]
     driver.stalled.update(sleepers)
     talker = driver.connect()
     while any(conn.state is State.OPEN for conn in sleepers):
         driver.say(talker, "x" * 500)
     assert all(driver.ended[conn] == "cut off" for conn in sleepers)
-    assert driver.room.members == [talker.name]
+    assert driver.chat.members == [talker.name]
     assert talker.state is State.OPEN
     lefts = [line for line in driver.take(talker) if line.endswith("(send queue exceeded).")]
     assert len(lefts) == count  # told once about each
@@ -606,7 +606,7 @@ def test_hundreds_of_clients_dropped_at_once_do_not_recurse():
 
 @pytest.mark.parametrize(("extra", "dropped"), [(0, False), (1, True)])
 def test_the_send_queue_keeps_exactly_sendq_bytes(extra, dropped):
-    driver = RoomDriver(sendq=1000, **NO_FLOOD)
+    driver = ChatDriver(sendq=1000, **NO_FLOOD)
     sender, sleeper = driver.connect(), driver.connect()
     driver.take_all()
     driver.stalled.add(sleeper)
@@ -621,7 +621,7 @@ def test_the_send_queue_keeps_exactly_sendq_bytes(extra, dropped):
 def test_one_turn_fanning_out_more_than_sendq_keeps_clients_that_read():
     # Fault: one 64 KiB read of 900-byte lines was queued to everyone before anything was
     # written, so with --sendq 65536 even prompt readers were dropped.
-    driver = RoomDriver(sendq=65536, max_line=1024, **NO_FLOOD)
+    driver = ChatDriver(sendq=65536, max_line=1024, **NO_FLOOD)
     sender, reader = driver.connect(), driver.connect()
     driver.take_all()
     driver.send(sender, ("z" * 900 + "\n") * 72)  # one read's worth
@@ -657,7 +657,7 @@ def test_a_leaving_client_that_ends_its_side_is_closed_cleanly(trio, driver):
 
 
 def test_a_throttled_client_is_not_read_until_its_deadline():
-    driver = RoomDriver(rate=1, burst=1)
+    driver = ChatDriver(rate=1, burst=1)
     flooder = driver.connect()
     driver.say(flooder, "a", "b")
     assert not flooder.reading
@@ -678,20 +678,20 @@ def test_every_change_of_state_follows_the_lifecycle_table():
 def test_a_huge_member_list_is_cut_short_to_what_clients_accept():
     # Fault: past about 1,900 members the list outgrew chatlib's own clients' 64 KiB limit.
     count = 2100
-    room = Room(Limits(max_clients=count, **NO_FLOOD))
+    chat = Chat(Limits(max_clients=count, **NO_FLOOD))
     for i in range(count):  # straight into the room: a driver would decode every join
-        conn = room.connect(None, 0.0)
-        room.receive_data(conn, f"/nick {'n' * 27}{i:05}\n".encode(), 0.0)
-    room.take_ready()
+        conn = chat.connect(None, 0.0)
+        chat.receive_data(conn, f"/nick {'n' * 27}{i:05}\n".encode(), 0.0)
+    chat.take_ready()
     conn.data_to_send()
-    room.receive_data(conn, b"/who\n", 0.0)
+    chat.receive_data(conn, b"/who\n", 0.0)
     line = conn.data_to_send()
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert len(line) <= CLIENT_MAX_LINE
     event, fields = parse_notice(parse_server_line(line[:-1].decode()).text)
     assert event == "members" and fields["count"] == str(count)
     shown = fields["names"].split(", ")
-    assert shown == room.members[: len(shown)]
+    assert shown == chat.members[: len(shown)]
     assert int(fields["more"]) == count - len(shown) > 0
 
 
@@ -701,7 +701,7 @@ ALICE_AT = ("192.0.2.7", 1000)  # a documentation address (RFC 5737)
 
 
 def test_the_per_address_limit_counts_members_and_frees_their_places():
-    driver = RoomDriver(max_per_address=2, **NO_FLOOD)
+    driver = ChatDriver(max_per_address=2, **NO_FLOOD)
     first, second = driver.connect(ALICE_AT), driver.connect(("192.0.2.7", 1001))
     third = driver.connect(("192.0.2.7", 1002))
     assert driver.take(third) == ["*** Sorry, too many connections from your address (2)."]
@@ -722,7 +722,7 @@ def test_the_per_address_limit_counts_members_and_frees_their_places():
     ],
 )
 def test_an_address_is_an_ipv4_host_or_an_ipv6_slash_64(one, other, same):
-    driver = RoomDriver(max_per_address=1, **NO_FLOOD)
+    driver = ChatDriver(max_per_address=1, **NO_FLOOD)
     driver.connect((one, 1000))
     assert (driver.connect((other, 1001)).state is State.OPEN) is not same
 
@@ -737,7 +737,7 @@ def test_the_per_address_limit_is_on_beyond_loopback_unless_set(host, expected):
 
 
 def test_a_reconnect_inherits_the_budget_its_address_left():
-    driver = RoomDriver(rate=2, burst=10)
+    driver = ChatDriver(rate=2, burst=10)
     flooder = driver.connect(ALICE_AT)
     driver.say(flooder, *[f"spam {i}" for i in range(9)], "/quit")
     assert driver.take(flooder)[-1] == "*** Bye, guest1!"
@@ -755,17 +755,17 @@ def test_a_reconnect_inherits_the_budget_its_address_left():
 
 
 def test_an_address_budget_is_forgotten_once_it_would_be_full_again():
-    driver = RoomDriver(rate=2, burst=10)
+    driver = ChatDriver(rate=2, burst=10)
     driver.say(driver.connect(ALICE_AT), "/quit")
     driver.now = 5.4  # 9 lines left, then 10.8: full again at 5.5 s
-    assert driver.room._budgets
+    assert driver.chat._budgets
     driver.now = 5.5
     driver.say(driver.connect(("192.0.2.8", 1000)), "/quit")  # any change forgets old ones
-    assert list(driver.room._budgets) == ["192.0.2.8"]
+    assert list(driver.chat._budgets) == ["192.0.2.8"]
 
 
 def test_clients_at_once_from_one_address_each_have_their_own_budget():
-    driver = RoomDriver(rate=2, burst=10)
+    driver = ChatDriver(rate=2, burst=10)
     clients = [driver.connect(ALICE_AT) for _ in range(20)]
     for client in clients:
         driver.say(client, *[f"line {i}" for i in range(10)])
@@ -775,7 +775,7 @@ def test_clients_at_once_from_one_address_each_have_their_own_budget():
 
 
 def test_a_silent_client_is_closed_after_the_idle_timeout():
-    driver = RoomDriver(idle_timeout=10, **NO_FLOOD)
+    driver = ChatDriver(idle_timeout=10, **NO_FLOOD)
     silent, talker = driver.connect(), driver.connect()
     assert silent.deadline == 10
     driver.now = 6
@@ -791,7 +791,7 @@ def test_a_silent_client_is_closed_after_the_idle_timeout():
 
 
 def test_a_client_whose_lines_wait_for_flood_control_is_not_idle():
-    driver = RoomDriver(idle_timeout=1, rate=1, burst=1)
+    driver = ChatDriver(idle_timeout=1, rate=1, burst=1)
     flooder = driver.connect()
     driver.say(flooder, "one", "two", "three")
     for _ in range(2):  # each second, one line goes, and the idle check moves on
@@ -819,19 +819,19 @@ def test_a_name_like_a_members_is_taken(trio, driver, name):
     driver.say(trio[1], f"/nick {name}")
     error = driver.take(trio[1])[-1]
     assert error.startswith("!!! ") and error.endswith("Your name is still bob.")
-    assert driver.room.members == ["alice", "bob", "carol"]
+    assert driver.chat.members == ["alice", "bob", "carol"]
 
 
 def test_a_fullwidth_name_is_kept_normalised(driver):
     conn = driver.connect()
     driver.say(conn, "/nick \uff4a\uff4f\uff53\uff45")
-    assert driver.room.members == ["jose"]
+    assert driver.chat.members == ["jose"]
 
 
 def test_a_held_quit_and_the_idle_check_falling_due_together_leave_once():
     # Planted bug: the idle check ran after the held /quit had taken the client out, and
     # gave the leaving client an idle deadline instead of its LINGER.
-    driver = RoomDriver(idle_timeout=0.5, rate=1, burst=1)
+    driver = ChatDriver(idle_timeout=0.5, rate=1, burst=1)
     quitter, other = driver.connect(), driver.connect()
     driver.say(quitter, "one", "/quit")
     for now in (0.5, 1.0):  # the idle check (moved on: a line waits), then both at once
@@ -848,7 +848,7 @@ def test_a_held_quit_and_the_idle_check_falling_due_together_leave_once():
 
 def test_a_big_room_stops_announcing_joins_and_leaves_and_says_so():
     # Fault: each of N joins went to all N, N² lines: 12.5 million for 5,000 people.
-    driver = RoomDriver(announce_up_to=4, max_clients=10, **NO_FLOOD)
+    driver = ChatDriver(announce_up_to=4, max_clients=10, **NO_FLOOD)
     first = driver.connect()
     others = [driver.connect() for _ in range(3)]
     assert driver.take(first)[-3:] == [f"*** guest{n} joined." for n in (2, 3, 4)]

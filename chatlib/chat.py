@@ -1,6 +1,7 @@
-"""The chat room, without any I/O: who is here, who gets what, and when to close.
+"""The chat, without any I/O: who is here, in which room, who gets what, and when to close.
 
-A :class:`Chat` holds one :class:`Connection` per client. An engine (threads,
+A :class:`Chat` holds one :class:`Connection` per client, and the
+:class:`Room` each is in. An engine (threads,
 selectors or asyncio) owns the sockets and carries out what the room decides,
 mechanically:
 
@@ -32,10 +33,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from chatlib.history import HISTORY_KEPT, HISTORY_SHOWN, HistoryStore, MemoryHistory
 from chatlib.protocol import (
     CLIENT_MAX_LINE,
     COMMANDS,
-    MAX_NAME_LENGTH,
+    LOBBY,
     Command,
     LineFramer,
     encode_line,
@@ -44,6 +46,8 @@ from chatlib.protocol import (
     name_problem,
     normalize_name,
     parse_command,
+    room_problem,
+    sanitize,
 )
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "Chat",
     "Connection",
     "Limits",
+    "Room",
     "State",
 ]
 
@@ -116,10 +121,20 @@ class Limits:
     idle_timeout: float = _limit(
         0.0, "seconds a client may go without sending a line before it is closed; 0: never"
     )
+    # IRC networks cap channels per user; one server's rooms need a cap of their own.
+    max_rooms: int = _limit(
+        100, f"rooms at once, {LOBBY} included; making one more is refused", int
+    )
+    # InspIRCd's channel history replays a few dozen lines on join.
+    history: int = _limit(
+        HISTORY_SHOWN,
+        f"recent messages shown to whoever enters a room; 0: none; at most {HISTORY_KEPT}",
+        int,
+    )
 
     def __post_init__(self) -> None:
         """Refuse limits that would make the server useless; raise ValueError."""
-        for name in ("max_clients", "max_line", "sendq", "burst", "announce_up_to"):
+        for name in ("max_clients", "max_line", "sendq", "burst", "announce_up_to", "max_rooms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.rate < 0:
@@ -130,6 +145,8 @@ class Limits:
             raise ValueError(
                 f"max_per_address must be 0 (none) or more, not {self.max_per_address}"
             )
+        if not 0 <= self.history <= HISTORY_KEPT:
+            raise ValueError(f"history must be 0 (none) to {HISTORY_KEPT}, not {self.history}")
         if self.sendq < self.max_line:
             # Then one line of one client, sent to everyone, drops everyone.
             raise ValueError(f"sendq ({self.sendq}) must be at least max_line ({self.max_line})")
@@ -211,6 +228,7 @@ class Connection:
         "deadline",
         "name",
         "peer",
+        "room",
         "state",
     )
 
@@ -219,8 +237,10 @@ class Connection:
         self.peer = peer
         #: Where the client comes from, as the per-address limits count it.
         self.address = _address_of(peer)
-        #: The client's current name in the room.
+        #: The client's current name, the same in every room.
         self.name = name
+        #: The room the client is in; ``None`` once it has left the chat.
+        self.room: Room | None = None
         #: See :class:`State`.
         self.state = State.OPEN
         #: When to call :meth:`Chat.deadline_reached`, or ``None``. While the
@@ -276,15 +296,45 @@ class Connection:
         return f"<Connection {self.name} {self.state.name}>"
 
 
-class Chat:
-    """Everyone connected to one server, and the rules of the chat."""
+class Room:
+    """One room: its name, who is in it, and whether it announces who comes and goes.
 
-    def __init__(self, limits: Limits | None = None) -> None:
-        #: The room's limits; ``max_per_address`` unset means none (see
+    Chat lines and ``/me`` go to the members of the sender's room only;
+    each client is in one room at a time (see docs/protocol.md for why).
+    """
+
+    __slots__ = ("announcing", "key", "members", "name")
+
+    def __init__(self, name: str) -> None:
+        #: The room's name as first spelt, ``#`` included.
+        self.name = name
+        #: What rooms are told apart by, and history is kept under: ``name_key(name)``.
+        self.key = name_key(name)
+        #: The connections in the room, in order of arrival (an ordered set).
+        self.members: dict[Connection, None] = {}
+        # N joins told to N members cost N² lines, 12.5 million for 5,000, so
+        # a big room stops announcing them.
+        self.announcing = True
+
+    def __repr__(self) -> str:
+        return f"<Room {self.name} ({len(self.members)})>"
+
+
+class Chat:
+    """Everyone connected to one server, the rooms they are in, and the rules of the chat."""
+
+    def __init__(self, limits: Limits | None = None, store: HistoryStore | None = None) -> None:
+        #: The chat's limits; ``max_per_address`` unset means none (see
         #: :meth:`Limits.for_listener`).
         self.limits = limits or Limits()
-        # name_key(name) -> connection: no two names look alike.
+        #: Where recent messages are kept: a ring per room in memory unless
+        #: a store is given. The chat commits it in :meth:`take_ready`.
+        self.store = store if store is not None else MemoryHistory()
+        self._unsaved = False  # lines added to the history since its last commit
+        # name_key(name) -> connection, whatever its room: no two names look alike.
         self._members: dict[str, Connection] = {}
+        self._lobby = Room(LOBBY)
+        self._rooms: dict[str, Room] = {self._lobby.key: self._lobby}  # in order of making
         self._per_address: dict[object, int] = {}  # members from each address
         # address -> (tokens, when): the flood budget that the connections
         # from an address left behind, so that reconnecting does not refill
@@ -298,14 +348,11 @@ class Chat:
         self._over_limit: dict[Connection, None] = {}
         self._guest_number = 0
         self._clock = float("-inf")  # the latest time a caller gave
-        # Whether joins and leaves are announced: N joins told to N members
-        # cost N² lines, 12.5 million for 5,000, so a big room stops.
-        self._announcing = True
 
     # --- Public methods -------------------------------------------------
 
     def connect(self, peer: object, now: float) -> Connection:
-        """Let a new client in and return its connection.
+        """Let a new client in, to the lobby, and return its connection.
 
         *peer* is the client's ``(host, port)``; the per-address limits count
         its host. When the room is full, when the address has as many
@@ -322,17 +369,13 @@ class Chat:
             self._move(conn, "leave", now)
         else:
             self._inherit_budget(conn, now)
-            self._announce("joined", conn)
             self._members[name_key(conn.name)] = conn
             self._per_address[conn.address] = self._per_address.get(conn.address, 0) + 1
             if self.limits.idle_timeout:
                 conn._idle_at = now + self.limits.idle_timeout
                 self._reschedule(conn)
             self._send(conn, "*** " + format_notice("welcome", name=conn.name))
-            # Joining a big room costs no walk of the whole list: the first names will do.
-            self._send_members(conn, most=self.limits.announce_up_to)
-            if not self._announcing:  # so that nobody expects to see who comes and goes
-                self._send(conn, "*** " + format_notice("quiet", limit=self.limits.announce_up_to))
+            self._enter(conn, self._lobby)
         self._drop_over_limit()
         return conn
 
@@ -423,7 +466,10 @@ class Chat:
         leaving = list(self._members.values())
         self._members.clear()  # nobody is told about the others leaving
         self._per_address.clear()
+        self._rooms = {self._lobby.key: self._lobby}
+        self._lobby.members.clear()
         for conn in leaving:
+            conn.room = None
             self._send(conn, "*** The server is shutting down. Bye!")
             self._move(conn, "leave", now)
         self._drop_over_limit()
@@ -435,14 +481,25 @@ class Chat:
         Act on each connection returned (see the module's docstring), then
         call this again: acting on one may give news to others.
         """
+        if self._unsaved:
+            # Before any of it is written out: a sender who has seen its
+            # echo can rely on the message being kept. One commit for the
+            # whole batch (a group commit).
+            self._unsaved = False
+            self.store.commit()
         ready = list(self._ready)
         self._ready.clear()
         return ready
 
     @property
     def members(self) -> list[str]:
-        """Return the names of everyone in the room, in order of arrival."""
+        """Return the names of everyone connected, in any room, in order of arrival."""
         return [conn.name for conn in self._members.values()]
+
+    @property
+    def rooms(self) -> dict[str, list[str]]:
+        """Return each room's name and its members' names, in the order the rooms were made."""
+        return {room.name: [conn.name for conn in room.members] for room in self._rooms.values()}
 
     # --- Private methods ------------------------------------------------
 
@@ -602,13 +659,13 @@ class Chat:
             handler(conn, command.args)
 
     def _do_say(self, conn: Connection, text: str) -> None:
-        self._broadcast(f"<{conn.name}> {text}")
+        self._relay(conn.room, f"<{conn.name}> {text}")
 
     def _do_me(self, conn: Connection, action: str) -> None:
         if not action:
             self._send_usage(conn, "me")
         else:
-            self._broadcast(f"* {conn.name} {action}")
+            self._relay(conn.room, f"* {conn.name} {action}")
 
     def _do_msg(self, conn: Connection, args: str) -> None:
         name, _, text = args.partition(" ")
@@ -641,10 +698,46 @@ class Chat:
             conn.name = name
             # Rebuild rather than delete and insert: /who keeps arrival order.
             self._members = {name_key(member.name): member for member in self._members.values()}
-            self._broadcast("*** " + format_notice("renamed", old=old, name=name))
+            self._broadcast(conn.room, "*** " + format_notice("renamed", old=old, name=name))
 
     def _do_who(self, conn: Connection, args: str) -> None:
-        self._send_members(conn)
+        self._send_members(conn, "members")
+
+    def _do_join(self, conn: Connection, args: str) -> None:
+        name = normalize_name(args)
+        room = self._rooms.get(name_key(name))
+        # Leaving a room of one makes room for another.
+        vanishing = conn.room is not self._lobby and len(conn.room.members) == 1
+        if not name:
+            self._send_usage(conn, "join")
+        elif problem := room_problem(name):
+            self._send(conn, f"!!! {problem}")
+        elif room is conn.room:
+            self._send(conn, f"!!! You are in {room.name} already.")
+        elif room is None and len(self._rooms) - vanishing >= self.limits.max_rooms:
+            self._send(
+                conn,
+                f"!!! There are {self.limits.max_rooms} rooms already, as many as this server"
+                " holds: /rooms lists them.",
+            )
+        else:
+            self._move_to(conn, room or Room(name))
+
+    def _do_part(self, conn: Connection, args: str) -> None:
+        if conn.room is self._lobby:
+            self._send(conn, f"!!! You are in {LOBBY} already; /join #ROOM goes to another room.")
+        else:
+            self._move_to(conn, self._lobby)
+
+    def _do_rooms(self, conn: Connection, args: str) -> None:
+        rooms = [f"{room.name} ({len(room.members)})" for room in self._rooms.values()]
+        self._send(conn, "*** " + self._fitted_list("rooms", rooms, len(rooms), "rooms"))
+
+    def _do_history(self, conn: Connection, args: str) -> None:
+        if args and not (args.isascii() and args.isdigit() and int(args) > 0):
+            self._send_usage(conn, "history")
+        elif not self._replay(conn, conn.room, min(int(args or HISTORY_SHOWN), HISTORY_KEPT)):
+            self._send(conn, f"*** No messages in {conn.room.name} yet.")
 
     def _do_help(self, conn: Connection, args: str) -> None:
         self._send(conn, "*** Type a line to say it to everyone. Commands:")
@@ -663,60 +756,107 @@ class Chat:
         usage, meaning = COMMANDS[command]
         self._send(conn, f"!!! Usage: {usage} ({meaning}).")
 
-    def _send_members(self, conn: Connection, most: int | None = None) -> None:
-        """Send *conn* the member list: its first *most* names, or as many as fit."""
-        count = len(self._members)
-        names = [member.name for member in itertools.islice(self._members.values(), most)]
-        # Cut a long list short, so that the line stays within what chatlib's
-        # clients accept: past about 1,900 members it would not.
-        budget = CLIENT_MAX_LINE - len(
-            "*** " + format_notice("members", count=count, names="", more="")
-        )
-        budget -= len(f" (and {count} more)")
-        if len(names) * (4 * MAX_NAME_LENGTH + 2) > budget:  # only then can it outgrow one line
-            size = 0
-            for shown, name in enumerate(names):
-                size += len(name.encode()) + 2  # and ", "
-                if size > budget:
-                    del names[shown:]
-                    break
-        more = f" (and {count - len(names)} more)" if len(names) < count else ""
-        notice = format_notice("members", count=count, names=", ".join(names), more=more)
+    def _send_members(self, conn: Connection, event: str, most: int | None = None) -> None:
+        """Send *conn* the *event* notice listing its room: its first *most* names, or all."""
+        room = conn.room
+        names = [member.name for member in itertools.islice(room.members, most)]
+        notice = self._fitted_list(event, names, len(room.members), "names", room=room.name)
         self._send(conn, "*** " + notice)
 
-    def _announce(self, event: str, conn: Connection, reason: str = "") -> None:
-        """Tell everyone that *conn* joined or left, while the room is small enough.
+    def _fitted_list(
+        self, event: str, items: list[str], count: int, field: str, **fields: object
+    ) -> str:
+        """Return the *event* notice listing *items* of *count*, cut short to fit one line.
+
+        A long list (a big room's members, many rooms) stays within what
+        chatlib's clients accept: the items that fit, then ``(and N more)``.
+        """
+        empty = format_notice(event, count=count, **{field: ""}, more="", **fields)
+        budget = CLIENT_MAX_LINE - len("*** " + empty) - len(f" (and {count} more)")
+        # Only a list that could outgrow one line is measured: an item is at
+        # most 4 bytes a character, and a few more for what goes with it.
+        if len(items) * (4 * max(map(len, items), default=0) + 2) > budget:
+            size = 0
+            for shown, item in enumerate(items):
+                size += len(item.encode()) + 2  # and ", "
+                if size > budget:
+                    items = items[:shown]
+                    break
+        more = f" (and {count - len(items)} more)" if len(items) < count else ""
+        return format_notice(event, count=count, **{field: ", ".join(items)}, more=more, **fields)
+
+    def _enter(self, conn: Connection, room: Room) -> None:
+        """Put *conn* in *room*: tell the room, then tell *conn* who is there and what was said."""
+        self._rooms.setdefault(room.key, room)
+        self._announce("joined", conn, room)
+        room.members[conn] = None
+        conn.room = room
+        # Entering a big room costs no walk of the whole list: the first names will do.
+        self._send_members(conn, "entered", most=self.limits.announce_up_to)
+        if not room.announcing:  # so that nobody expects to see who comes and goes
+            self._send(conn, "*** " + format_notice("quiet", limit=self.limits.announce_up_to))
+        self._replay(conn, room, self.limits.history)
+
+    def _exit(self, conn: Connection, reason: str = "") -> None:
+        """Take *conn* out of its room and tell the others; an empty room goes."""
+        room = conn.room
+        del room.members[conn]
+        conn.room = None
+        self._announce("left", conn, room, reason)
+        if not room.members and room is not self._lobby:
+            del self._rooms[room.key]
+            self.store.forget(room.key)
+
+    def _move_to(self, conn: Connection, room: Room) -> None:
+        """Move *conn* from its room to *room*; both rooms are told."""
+        self._exit(conn, " (for another room)")
+        self._enter(conn, room)
+
+    def _replay(self, conn: Connection, room: Room, count: int) -> bool:
+        """Send *conn* *room*'s last *count* messages, between two notices; return if any."""
+        lines = self.store.recent(room.key, count) if count else []
+        if lines:
+            self._send(conn, "*** " + format_notice("history", room=room.name, count=len(lines)))
+            for line in lines:
+                # The lines were sanitised as they came in; a store is a file
+                # anyone could have edited since.
+                self._send(conn, sanitize(line))
+            self._send(conn, "*** " + format_notice("history-end", room=room.name))
+        return bool(lines)
+
+    def _announce(self, event: str, conn: Connection, room: Room, reason: str = "") -> None:
+        """Tell *room* that *conn* joined or left it, while the room is small enough.
 
         Call it before a join and after a leave. The join that takes the room
-        past ``announce_up_to`` is not announced; instead, everyone is told
-        that joins and leaves no longer are, until the room is down to half.
+        past ``announce_up_to`` is not announced; instead, everyone in it is
+        told that joins and leaves no longer are, until it is down to half.
         """
-        count, limit = len(self._members) + (event == "joined"), self.limits.announce_up_to
-        if self._announcing and count > limit:
-            self._announcing = False
-            self._broadcast("*** " + format_notice("quiet", limit=limit))
-        elif not self._announcing and count <= limit // 2:
-            self._announcing = True
-            self._broadcast("*** " + format_notice("announcing", count=count))
-        elif self._announcing:
-            self._broadcast("*** " + format_notice(event, name=conn.name, reason=reason))
+        count, limit = len(room.members) + (event == "joined"), self.limits.announce_up_to
+        if room.announcing and count > limit:
+            room.announcing = False
+            self._broadcast(room, "*** " + format_notice("quiet", limit=limit))
+        elif not room.announcing and count <= limit // 2:
+            room.announcing = True
+            self._broadcast(room, "*** " + format_notice("announcing", count=count))
+        elif room.announcing:
+            self._broadcast(room, "*** " + format_notice(event, name=conn.name, reason=reason))
 
     def _leave(self, conn: Connection, now: float, reason: str = "") -> None:
-        """Take *conn* out of the room to say goodbye, and tell the others."""
+        """Take *conn* out of the chat to say goodbye, and tell its room."""
         self._remove_member(conn)
         self._move(conn, "leave", now)
-        self._announce("left", conn, reason)
+        self._exit(conn, reason)
 
     def _cut_off(self, conn: Connection, reason: str = "") -> None:
-        """End *conn* at once, without a goodbye; tell the others if it was in the room."""
-        was_member = self._members.get(name_key(conn.name)) is conn
+        """End *conn* at once, without a goodbye; tell its room if it was in one."""
+        was_member = conn.room is not None
         if was_member:
             self._remove_member(conn)
         conn.data_to_send()  # nobody will read it
         conn._unsent = 0
         self._move(conn, "cut off")
         if was_member:
-            self._announce("left", conn, reason)
+            self._exit(conn, reason)
 
     def _move(self, conn: Connection, event: str, now: float | None = None) -> None:
         """Move *conn* on through :data:`LIFECYCLE`; its engine acts on the new state."""
@@ -733,10 +873,16 @@ class Chat:
     def _send(self, conn: Connection, text: str) -> None:
         self._queue([conn], encode_line(text))
 
-    def _broadcast(self, text: str) -> None:
+    def _broadcast(self, room: Room, text: str) -> None:
         # Encode once, queue the same bytes object for everyone: the cost
         # per receiver is one list append.
-        self._queue(list(self._members.values()), encode_line(text))
+        self._queue(list(room.members), encode_line(text))
+
+    def _relay(self, room: Room, line: str) -> None:
+        """Broadcast a message to *room*, and keep it in the room's history."""
+        self._broadcast(room, line)
+        self.store.add(room.key, line)
+        self._unsaved = True
 
     def _queue(self, conns: list[Connection], data: bytes) -> None:
         size = len(data)

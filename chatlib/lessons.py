@@ -493,7 +493,7 @@ def check_threads_for(threads_for: Callable[[int], int]) -> str:
         with ChatServer("127.0.0.1", 0) as server:
             clients = [LineClient(server.address) for _ in range(n)]
             for client in clients:
-                client.read_until(lambda line: line.startswith("*** Online"))
+                client.read_until(lambda line: line.startswith("*** You are in"))
             counted = engine_threads() - before
             for client in clients:
                 client.close()

@@ -21,6 +21,7 @@ __all__ = [
     "COMMANDS",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
+    "LOBBY",
     "MAX_NAME_LENGTH",
     "NAME_SEPARATORS",
     "NOTICES",
@@ -36,6 +37,7 @@ __all__ = [
     "parse_command",
     "parse_notice",
     "parse_server_line",
+    "room_problem",
     "sanitize",
 ]
 
@@ -48,6 +50,9 @@ DEFAULT_PORT = 5050
 READ_SIZE = 64 * 1024
 
 MAX_NAME_LENGTH = 32
+
+#: The room everyone starts in, and goes back to with ``/part``.
+LOBBY = "#lobby"
 
 #: The longest line chatlib's clients accept from a server. The room keeps
 #: every line it sends within it (a long member list is cut short), so only
@@ -268,9 +273,13 @@ class Command(NamedTuple):
 #: Every command a client may send, with its one-line help.
 COMMANDS = {
     "nick": ("/nick NAME", "choose your name"),
-    "who": ("/who", "list who is here"),
+    "who": ("/who", "list who is in your room"),
     "me": ("/me ACTION", "say what you are doing, e.g. /me waves"),
-    "msg": ("/msg NAME TEXT", "send a private message"),
+    "msg": ("/msg NAME TEXT", "send a private message, to anyone in any room"),
+    "join": ("/join #ROOM", "go to another room; it is made if needed"),
+    "part": ("/part", f"go back to {LOBBY}"),
+    "rooms": ("/rooms", "list the rooms and how many are in each"),
+    "history": ("/history [N]", "show the last N messages of your room again"),
     "help": ("/help", "show this help"),
     "quit": ("/quit", "leave the chat (typing exit works too)"),
 }
@@ -397,6 +406,20 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def room_problem(room: str) -> str | None:
+    """Return why *room* cannot be a room's name, or ``None`` if it is fine.
+
+    *room* must be normalised already (:func:`normalize_name`). A room's
+    name is ``#`` and then a name under the rules of :func:`name_problem`,
+    and two rooms are told apart by :func:`name_key`, as people are.
+    """
+    if not room.startswith("#"):
+        return f"A room's name starts with #, as in {LOBBY}."
+    if problem := name_problem(room[1:]):
+        return f"After its #, a room's name is like a person's: {problem}"
+    return None
+
+
 def _is_invisible(char: str) -> bool:
     code = ord(char)
     return any(first <= code <= last for first, last in _INVISIBLE)
@@ -470,6 +493,7 @@ def parse_server_line(line: str) -> ServerLine:
 # --- Notices about the room --------------------------------------------------
 
 _NAME = r"(?P<name>[^\s<>*]+)"
+_ROOM = r"(?P<room>#[^\s<>*,]+)"
 
 #: The server's announcements about who is here, as (template, pattern)
 #: pairs. The room fills the templates in; clients that keep a member list
@@ -483,6 +507,27 @@ NOTICES = {
     "members": (
         "Online ({count}): {names}{more}",
         re.compile(r"Online \((?P<count>\d+)\): (?P<names>.*?)(?: \(and (?P<more>\d+) more\))?"),
+    ),
+    # Entering a room, at connect or with /join: where you are and who is there.
+    "entered": (
+        "You are in {room} ({count} here): {names}{more}",
+        re.compile(
+            rf"You are in {_ROOM} \((?P<count>\d+) here\): (?P<names>.*?)"
+            r"(?: \(and (?P<more>\d+) more\))?"
+        ),
+    ),
+    "rooms": (
+        "Rooms ({count}): {rooms}{more}",
+        re.compile(r"Rooms \((?P<count>\d+)\): (?P<rooms>.*?)(?: \(and (?P<more>\d+) more\))?"),
+    ),
+    # Recent messages, replayed between these two notices: clients show them apart.
+    "history": (
+        "Recent messages in {room} ({count}):",
+        re.compile(rf"Recent messages in {_ROOM} \((?P<count>\d+)\):"),
+    ),
+    "history-end": (
+        "End of recent messages in {room}.",
+        re.compile(rf"End of recent messages in {_ROOM}\."),
     ),
     "joined": ("{name} joined.", re.compile(rf"{_NAME} joined\.")),
     "left": ("{name} left{reason}.", re.compile(rf"{_NAME} left(?: \(.*\))?\.")),

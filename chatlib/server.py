@@ -27,7 +27,9 @@ from typing import TextIO
 
 from chatlib.chat import Limits
 from chatlib.engines.base import ServerBase
+from chatlib.history import HistoryStore, StoreError
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
+from chatlib.sqlite_history import SQLiteHistory
 
 __all__ = ["ENGINES", "LOG_FLUSH_TIMEOUT", "LOG_QUEUE_LINES", "create_server", "main"]
 
@@ -60,16 +62,19 @@ def create_server(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     limits: Limits | None = None,
+    store: HistoryStore | None = None,
 ) -> ServerBase:
     """Return a bound, not yet started, server of the given *engine*.
 
     Call ``.start()`` on it (or use it in a ``with`` block) to serve in a
-    background thread.
+    background thread. Its rooms' history goes to *store* (for instance a
+    :class:`~chatlib.sqlite_history.SQLiteHistory`), which the caller
+    closes once the server has stopped; without one, it is kept in memory.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     module = importlib.import_module(f"chatlib.engines.{engine}")
-    return module.ChatServer(host, port, limits=limits)
+    return module.ChatServer(host, port, limits=limits, store=store)
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
@@ -200,6 +205,12 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one")
+    parser.add_argument(
+        "--store",
+        metavar="PATH",
+        help="keep the rooms' history in this SQLite file, across restarts and crashes"
+        " (made if missing); without it, history is kept in memory",
+    )
     for limit in dataclasses.fields(Limits):
         parser.add_argument(
             "--" + limit.name.replace("_", "-"),
@@ -230,7 +241,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace, limits: Limits) -> int:
     try:
-        server = create_server(args.engine, args.host, args.port, limits)
+        store = SQLiteHistory(args.store) if args.store else None
+    except StoreError as error:
+        print(f"{error}; no client was let in.", file=sys.stderr)
+        return 1
+    try:
+        return _serve_with(args, limits, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _serve_with(args: argparse.Namespace, limits: Limits, store: HistoryStore | None) -> int:
+    try:
+        server = create_server(args.engine, args.host, args.port, limits, store)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             print(

@@ -193,13 +193,14 @@ class LineClient:
                 return lines
 
     def welcome(self) -> str:
-        """Read the welcome and the member list; remember and return the guest name."""
+        """Read the welcome and the lobby's member list; remember and return the guest name."""
         line = self.read_line()
         notice = parse_notice(parse_server_line(line).text)
         assert notice is not None and notice[0] == "welcome", f"not a welcome: {line!r}"
         self.name = notice[1]["name"]
         members = parse_notice(parse_server_line(self.read_line()).text)
-        assert members is not None and members[0] == "members"
+        assert members is not None and members[0] == "entered"
+        assert members[1]["room"] == "#lobby"
         assert self.name in members[1]["names"].split(", ")
         return self.name
 

@@ -68,7 +68,7 @@ def test_two_async_clients_chat(server):
 def test_async_and_threaded_clients_share_a_room(server):
     async def chat() -> list[str]:
         async with await connect(*server.address) as async_client:
-            await lines_until(async_client, "*** Online (1): guest1")
+            await lines_until(async_client, "*** You are in #lobby (1 here): guest1")
             with ChatClient(*server.address) as sync_client:
                 sync_client.send("from the threaded client")
                 return await lines_until(async_client, "<guest2> from the threaded client")

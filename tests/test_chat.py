@@ -61,7 +61,7 @@ def test_a_new_client_gets_a_guest_name_and_a_welcome(driver):
     assert welcome == (
         "*** Welcome to chatlib, guest2! Choose a name with /nick NAME; /help lists the commands."
     )
-    assert members == "*** Online (2): guest1, guest2"
+    assert members == "*** You are in #lobby (2 here): guest1, guest2"
     assert driver.chat.members == ["guest1", "guest2"]
 
 
@@ -221,7 +221,7 @@ def test_msg_to_yourself_arrives_once(trio, driver):
 def test_msg_errors(trio, driver):
     alice = trio[0]
     driver.say(alice, "/msg nobody hi", "/msg bob", "/msg")
-    usage = "!!! Usage: /msg NAME TEXT (send a private message)."
+    usage = "!!! Usage: /msg NAME TEXT (send a private message, to anyone in any room)."
     assert driver.take(alice) == ["!!! Nobody here is called nobody.", usage, usage]
     assert driver.take(trio[1]) == []
 
@@ -857,7 +857,7 @@ def test_a_big_room_stops_announcing_joins_and_leaves_and_says_so():
     assert driver.take(first) == [quiet]
     assert driver.take(fifth) == [
         "*** Welcome to chatlib, guest5! Choose a name with /nick NAME; /help lists the commands.",
-        "*** Online (5): guest1, guest2, guest3, guest4 (and 1 more)",
+        "*** You are in #lobby (5 here): guest1, guest2, guest3, guest4 (and 1 more)",
         quiet,
     ]
     driver.connect()

@@ -73,7 +73,7 @@ def test_a_new_client_gets_a_guest_name_and_a_welcome(start_server, connect):
     assert event == "welcome"
     assert re.fullmatch(r"guest\d+", fields["name"])
     assert "/nick NAME" in welcome  # tells how to pick a name
-    assert first.read_line() == f"*** Online (1): {fields['name']}"
+    assert first.read_line() == f"*** You are in #lobby (1 here): {fields['name']}"
 
     second = connect(server)
     assert second.name != fields["name"]

@@ -311,7 +311,7 @@ def test_telnet_commands_are_stripped_and_refused_in_any_pieces(start_server, co
     telnet = socket.create_connection(server.address, timeout=TIMEOUT)
     telnet.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pending = bytearray()
-    read_raw_until(telnet, pending, b"*** Online")
+    read_raw_until(telnet, pending, b"*** You are in #lobby")
     stream = (
         b"hel"
         + bytes([IAC, WILL, TERMINAL_TYPE])  # an offer
@@ -360,7 +360,7 @@ def test_the_real_telnet_client_chats_and_hears_after_ctrl_c(start_server, conne
                 screen.extend(os.read(controller, 4096))
 
     try:
-        wait_for_screen(b"Online (2)")
+        wait_for_screen(b"#lobby (2 here)")
         os.write(controller, b"hello from telnet\r")
         line = watcher.read_until(lambda got: got.startswith("<"))[-1]
         assert line.endswith("> hello from telnet"), line

@@ -25,6 +25,7 @@ from chatlib.protocol import (
     parse_command,
     parse_notice,
     parse_server_line,
+    room_problem,
     sanitize,
 )
 from tests.helpers import FORBIDDEN, forbidden_in
@@ -327,7 +328,9 @@ def test_spaces_around_a_line_do_not_count(line, command):
 
 
 def test_every_command_has_usage_and_help():
-    assert set(COMMANDS) == {"nick", "who", "me", "msg", "help", "quit"}
+    assert set(COMMANDS) == {
+        *("nick", "who", "me", "msg", "join", "part", "rooms", "history", "help", "quit")
+    }
     for name, (usage, meaning) in COMMANDS.items():
         assert usage.startswith("/" + name)
         assert meaning
@@ -406,6 +409,8 @@ def test_parse_server_line(line, parsed):
             "alice left (send queue exceeded).",
         ),
         ("renamed", {"old": "guest1", "name": "alice"}, "guest1 is now known as alice."),
+        ("history", {"room": "#maths", "count": 3}, "Recent messages in #maths (3):"),
+        ("history-end", {"room": "#maths"}, "End of recent messages in #maths."),
     ],
 )
 def test_notices_round_trip(event, fields, text):
@@ -440,12 +445,47 @@ def test_the_member_list_may_be_cut_short(fields, text, parsed):
     # A long list is cut short to fit CLIENT_MAX_LINE; the count is everyone.
     assert format_notice("members", **fields) == text
     assert parse_notice(text) == ("members", parsed)
+    # Entering a room lists its members the same way, with the room's name.
+    entered = format_notice("entered", room="#maths", **fields)
+    assert entered == text.replace("Online (", "You are in #maths (").replace("):", " here):")
+    assert parse_notice(entered) == ("entered", {"room": "#maths", **parsed})
+
+
+def test_the_room_list_round_trips():
+    text = format_notice("rooms", count=2, rooms="#lobby (3), #maths (1)", more="")
+    assert text == "Rooms (2): #lobby (3), #maths (1)"
+    assert parse_notice(text) == (
+        "rooms",
+        {"count": "2", "rooms": "#lobby (3), #maths (1)", "more": None},
+    )
+
+
+@pytest.mark.parametrize("room", ["#lobby", "#maths", "#日本", "#x" + "y" * 31])
+def test_good_room_names(room):
+    assert room_problem(room) is None
+
+
+@pytest.mark.parametrize(
+    ("room", "why"),
+    [
+        ("lobby", "starts with #"),
+        ("#", "at least one character"),
+        ("##a", "only letters"),
+        ("#a b", "only letters"),
+        ("#a,b", "only letters"),
+        ("#x" + "y" * 32, "at most 32"),
+        ("#p\u0430ypal", "one script"),  # a Cyrillic a
+    ],
+)
+def test_bad_room_names(room, why):
+    assert why in room_problem(room)
 
 
 def test_every_notice_is_covered():
     assert set(NOTICES) == {
         *("welcome", "members", "joined", "left", "renamed"),
         *("quiet", "announcing"),
+        *("entered", "rooms", "history", "history-end"),
     }
 
 

@@ -18,6 +18,7 @@ import threading
 from types import TracebackType
 
 from chatlib.chat import Chat, Limits
+from chatlib.history import HistoryStore
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 __all__ = [
@@ -142,11 +143,13 @@ class ServerBase:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         limits: Limits | None = None,
+        store: HistoryStore | None = None,
     ) -> None:
         self._listener = create_listener(host, port)
         #: ``(host, port)`` the server listens on; the real port if *port* was 0.
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
-        self.chat = Chat((limits or Limits()).for_listener(self.address[0]))
+        #: The chat the engine drives; its history goes to *store* (in memory if ``None``).
+        self.chat = Chat((limits or Limits()).for_listener(self.address[0]), store)
         self._thread: threading.Thread | None = None
 
     # --- Public methods -------------------------------------------------

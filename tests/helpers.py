@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from chatlib.chat import Chat, Connection, Limits, State
+from chatlib.history import HistoryStore
 from chatlib.protocol import parse_notice, parse_server_line
 
 #: How long a test waits for a line it expects. Generous: the machine is shared, and a
@@ -248,8 +249,8 @@ class ChatDriver:
     they are given nothing more until :meth:`release`.
     """
 
-    def __init__(self, **limits: object) -> None:
-        self.chat = Chat(Limits(**limits))
+    def __init__(self, store: HistoryStore | None = None, **limits: object) -> None:
+        self.chat = Chat(Limits(**limits), store)
         self.now = 0.0
         self.inbox: dict[Connection, list[str]] = {}
         self.stalled: set[Connection] = set()

@@ -23,6 +23,7 @@ import pytest
 from chatlib.chat import Limits
 from chatlib.protocol import COMMANDS, parse_notice, parse_server_line
 from chatlib.server import create_server
+from chatlib.sqlite_history import SQLiteHistory
 from tests.helpers import LineClient, count_fds, forbidden_in, rss_bytes, wait_until
 
 MB = 1024 * 1024
@@ -667,3 +668,66 @@ def test_connections_are_logged(start_server, caplog):
     wait_until(lambda: f"[NEW CONNECTION] {peer} connected." in caplog.messages)
     client.close()
     wait_until(lambda: f"[DISCONNECTED] {peer} disconnected." in caplog.messages)
+
+
+# --- Rooms and history --------------------------------------------------------------
+
+
+def test_rooms_route_chat_and_private_messages_cross_them(start_server, connect):
+    server = start_server()
+    ann, ben, cat = (connect(server) for _ in range(3))
+    ben.say("/join #maths")
+    ben.expect(f"*** You are in #maths (1 here): {ben.name}")
+    ann.expect(f"*** {ben.name} left (for another room).")
+    cat.say("/join #maths")
+    ben.expect(f"*** {cat.name} joined.")
+    cat.say("in maths", f"/msg {ann.name} psst")
+    ann.expect(f"*{cat.name}* psst")
+    ben.expect(f"<{cat.name}> in maths")
+    ann.say("in the lobby", "/rooms")
+    lines = ann.expect("*** Rooms (2): #lobby (1), #maths (2)")
+    assert f"<{cat.name}> in maths" not in lines
+    cat.say("/who")
+    assert cat.expect(f"*** Online (2): {ben.name}, {cat.name}")
+    # ben sees no lobby line: the next thing after cat's message is cat's own /part.
+    cat.say("/part")
+    assert ben.read_line() == f"*** {cat.name} left (for another room)."
+
+
+def test_history_is_replayed_to_whoever_enters_a_room(start_server, connect):
+    server = start_server(history=3)
+    talker = connect(server)  # the lobby had no history yet: nothing follows the welcome
+    talker.say("/join #late", "one", "/me two", "three", "four")
+    talker.expect(f"<{talker.name}> four")
+    late = connect(server)
+    late.say("/join #late")
+    assert late.expect("*** End of recent messages in #late.") == [
+        f"*** You are in #late (2 here): {talker.name}, {late.name}",
+        "*** Recent messages in #late (3):",
+        f"* {talker.name} two",
+        f"<{talker.name}> three",
+        f"<{talker.name}> four",
+        "*** End of recent messages in #late.",
+    ]
+    late.say("/history 1")
+    assert late.expect("*** End of recent messages in #late.")[-2] == f"<{talker.name}> four"
+
+
+def test_a_store_keeps_history_on_every_engine(engine, health, tmp_path, connect):
+    # The threaded engine calls the store from its reader and sender threads, one at a time.
+    path = str(tmp_path / "chat.db")
+    for attempt in ("first", "second"):
+        store = SQLiteHistory(path)
+        limits = Limits(rate=0, history=5)
+        with create_server(engine, "127.0.0.1", 0, limits=limits, store=store) as server:
+            client = connect(server)
+            if attempt == "first":
+                client.say("kept across restarts")
+                client.expect(f"<{client.name}> kept across restarts")
+            else:
+                client.say("/history")
+                assert client.expect("*** End of recent messages in #lobby.")[-2].endswith(
+                    "> kept across restarts"
+                )
+            client.close()
+        store.close()

@@ -432,3 +432,85 @@ def test_the_log_writer_writes_tracebacks_and_bursts_whole(tmp_path):
     assert lines[-300:] == [
         f"[NEW CONNECTION] ('127.0.0.1', {port}) connected." for port in range(300)
     ]
+
+
+# --- The history store ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_echoed_message_survives_kill_9(run_server, engine, tmp_path):
+    # Two clients in two rooms chat in turn (each line waits for the echo of the one
+    # before), and the server is killed mid-conversation. Every line whose echo a
+    # client saw must be in the history after a restart on the same store.
+    store = str(tmp_path / "chat.db")
+    server = run_server("--engine", engine, "--port", "0", "--store", store, "--rate", "0")
+    address = ("127.0.0.1", server.listening_port())
+    rooms = ["#lobby", "#maths"]
+    clients = [LineClient(address) for _ in rooms]
+    seen: list[list[str]] = [[] for _ in rooms]
+    for client, room in zip(clients, rooms, strict=True):
+        client.welcome()
+        if room != "#lobby":
+            client.say(f"/join {room}")
+            client.read_until(lambda line, room=room: line.startswith(f"*** You are in {room}"))
+
+    def chat(index: int) -> None:
+        client = clients[index]
+        try:
+            for number in range(45):  # 90 lines in all: fewer than a room keeps
+                line = f"<{client.name}> line {number}"
+                client.say(f"line {number}")
+                client.read_until(lambda got, line=line: got == line)
+                seen[index].append(line)
+        except (OSError, AssertionError):
+            pass  # killed
+
+    talkers = [threading.Thread(target=chat, args=(index,)) for index in range(len(rooms))]
+    for talker in talkers:
+        talker.start()
+    wait_until(lambda: len(seen[0]) >= 15, what="15 echoes before the kill")
+    server.proc.send_signal(signal.SIGKILL)
+    for talker in talkers:
+        talker.join(TIMEOUT)
+        assert not talker.is_alive()
+    for client in clients:
+        client.close()
+    assert len(seen[0]) < 45, "the conversation ended before the kill"
+
+    # No replay on arrival: each room's history comes from /history only.
+    restarted = run_server("--engine", engine, "--port", "0", "--store", store, "--history", "0")
+    reader = LineClient(("127.0.0.1", restarted.listening_port()))
+    reader.welcome()
+    for room, echoed in zip(rooms, seen, strict=True):
+        if room != "#lobby":
+            reader.say(f"/join {room}")
+        reader.say("/history 100")
+        replay = reader.read_until(
+            lambda line: line.startswith(("*** End of recent messages", "*** No messages"))
+        )
+        missing = [line for line in echoed if line not in replay]
+        assert not missing, f"{room}: echoed but lost in the crash: {missing}"
+    reader.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "why"), [(b"not a database " * 100, "file is not a database"), (None, "")]
+)
+def test_an_unusable_store_stops_the_server_with_one_clear_line(tmp_path, content, why):
+    path = tmp_path / "chat.db"
+    if content is None:
+        path = tmp_path / "missing" / "chat.db"
+    else:
+        path.write_bytes(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "chatlib.server", "--port", "0", "--store", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3 * TIMEOUT,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert str(path) in line and why in line and line.endswith("; no client was let in.")
+    assert "LISTENING" not in result.stdout

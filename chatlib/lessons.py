@@ -20,23 +20,29 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import TracebackType
 
 from chatlib.chat import Chat, Limits
 from chatlib.protocol import CLIENT_MAX_LINE, READ_SIZE, LineFramer, encode_line
+from chatlib.sqlite_history import SQLiteHistory
 
 __all__ = [
     "BackgroundReader",
     "LineClient",
     "NaiveChatServer",
+    "check_audience",
     "check_bounded_queue",
     "check_lines_before_drop",
     "check_read_lines",
     "check_read_to_end",
+    "check_recent_from_file",
     "check_recv_exactly",
+    "check_ring",
     "check_safe_clients",
     "check_threads_for",
     "send_in_background",
@@ -600,3 +606,95 @@ def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:
             b.close()
         assert got == expected, f"after {chunks!r} and EOF: {got!r}, not {expected!r}"
     return _passed("read_to_end", len(cases))
+
+
+def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:
+    """Check lesson 08's ``audience(rooms, sender, line)`` against a real Chat.
+
+    Each case starts a fresh chat: alice and bob in #maths, carol in #art,
+    dave and erin in #lobby. The sender types one line, and whoever is sent
+    anything at all because of it is its audience.
+    """
+    layout = {"alice": "#maths", "bob": "#maths", "carol": "#art", "dave": None, "erin": None}
+    cases = [
+        ("alice", "anyone for sums?"),
+        ("dave", "hello lobby"),
+        ("bob", "/me waves"),
+        ("alice", "/msg carol psst"),
+        ("carol", "/msg carol a note to self"),
+        ("bob", "/who"),
+        ("dave", "/rooms"),
+        ("bob", "/join #art"),
+        ("dave", "/join #maths"),
+        ("erin", "/join #music"),
+        ("carol", "/part"),
+    ]
+    for sender, line in cases:
+        chat = Chat(Limits(rate=0))
+        people = {}
+        for name, room in layout.items():
+            conn = people[name] = chat.connect((name, 0), 0.0)
+            chat.receive_data(conn, encode_line(f"/nick {name}"), 0.0)
+            if room:
+                chat.receive_data(conn, encode_line(f"/join {room}"), 0.0)
+        rooms = chat.rooms
+        chat.take_ready()
+        for conn in people.values():
+            conn.data_to_send()  # the welcomes and joins: not this line's audience
+        chat.receive_data(people[sender], encode_line(line), 0.0)
+        chat.take_ready()
+        heard = {name for name, conn in people.items() if conn.data_to_send()}
+        got = audience({room: list(names) for room, names in rooms.items()}, sender, line)
+        got = set(got) if got is not None else None
+        assert got == heard, (
+            f"in {rooms}, when {sender} types {line!r}, {sorted(heard)} are sent something;"
+            f" audience gave {sorted(got) if got is not None else got}"
+        )
+    return _passed("audience", len(cases))
+
+
+def check_ring(make_ring: Callable[[int], object]) -> str:
+    """Check lesson 08's ``Ring(kept)``: ``add(line)`` and ``recent(count)``, oldest first."""
+    ring = make_ring(3)
+    assert ring.recent(5) == [], "an empty ring has no recent lines"
+    for line in "abcde":
+        ring.add(line)
+    assert ring.recent(2) == ["d", "e"], f"recent(2) gave {ring.recent(2)!r}, not ['d', 'e']"
+    assert ring.recent(3) == ["c", "d", "e"], "recent(3) gives the last 3, oldest first"
+    got = ring.recent(10)
+    assert got == ["c", "d", "e"], f"a ring of 3 keeps only the last 3; recent(10) gave {got!r}"
+    assert ring.recent(0) == [], f"recent(0) gave {ring.recent(0)!r}: mind that lines[-0:] is all"
+    one = make_ring(1)
+    one.add("old")
+    one.add("new")
+    assert one.recent(1) == ["new"], "a ring of 1 keeps the newest line"
+    return _passed("Ring", 6)
+
+
+def check_recent_from_file(recent_from_file: Callable[[str, str, int], list[str]]) -> str:
+    """Check lesson 08's ``recent_from_file(path, room, count)`` on a store made for it.
+
+    The store is a real :class:`~chatlib.sqlite_history.SQLiteHistory`,
+    written, committed and closed, in a temporary directory; the function
+    reads it with nothing but ``sqlite3``.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        path = str(Path(directory) / "chat.db")
+        store = SQLiteHistory(path)
+        for n in range(30):
+            store.add("#maths", f"<alice> sum {n}")
+            if n % 3 == 0:
+                store.add("#art", f"<carol> sketch {n}")
+        store.close()
+        cases = [
+            ("#maths", 5, [f"<alice> sum {n}" for n in range(25, 30)]),
+            ("#art", 20, [f"<carol> sketch {n}" for n in range(0, 30, 3)]),
+            ("#maths", 1, ["<alice> sum 29"]),
+            ("#music", 5, []),
+        ]
+        for room, count, expected in cases:
+            got = recent_from_file(path, room, count)
+            assert got == expected, (
+                f"recent_from_file(path, {room!r}, {count}) gave {got!r}, not {expected!r}"
+            )
+    return _passed("recent_from_file", len(cases))

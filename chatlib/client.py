@@ -2,8 +2,15 @@
 
 Run ``python -m chatlib.client --name alice``. A background thread prints
 what arrives while you type; on a terminal, the line you are typing is
-redrawn below each incoming message instead of being overwritten. Leave with
-``/quit``, ``exit``, Ctrl-D or Ctrl-C; the end of piped input leaves too.
+redrawn below each incoming message instead of being overwritten, the
+prompt names the room you are in (``#lobby> ``), and the recent messages
+replayed as you enter a room are shown dim. Piped output is the server's
+lines, exactly. Leave with ``/quit``, ``exit``, Ctrl-D or Ctrl-C; the end of
+piped input leaves too.
+
+:class:`RoomTracker` follows, from the server's notices, which room you are
+in and which lines are replays; the chat panel (:mod:`chatlib.widget`) uses
+it too.
 """
 
 from __future__ import annotations
@@ -24,11 +31,14 @@ from chatlib.protocol import (
     DEFAULT_PORT,
     READ_SIZE,
     LineFramer,
+    ServerLine,
     encode_line,
     parse_command,
+    parse_notice,
+    parse_server_line,
 )
 
-__all__ = ["ChatClient", "main"]
+__all__ = ["ChatClient", "RoomTracker", "main"]
 
 
 class ChatClient:
@@ -98,9 +108,61 @@ class ChatClient:
         self.close()
 
 
+class RoomTracker:
+    """Follow which room you are in, and which lines replay earlier messages.
+
+    Give :meth:`track` every line the server sends, in order. A client
+    learns its room from the "entered" notice (``*** You are in #maths (2
+    here): ...``), sent on arrival and after each ``/join`` or ``/part``; the
+    lines between the "history" and "history-end" notices (see
+    :data:`~chatlib.protocol.NOTICES`) are earlier messages replayed, which a
+    client should show apart from live ones. Nothing here does I/O.
+    """
+
+    def __init__(self) -> None:
+        #: The room the server last said you are in; ``None`` until it has.
+        self.room: str | None = None
+        #: The room whose recent messages are being replayed; ``None`` between replays.
+        self.replaying: str | None = None
+
+    def track(self, line: ServerLine) -> str:
+        """Note what *line* tells about the room; return its part in the conversation.
+
+        The part is ``"history"`` for the notice that starts a replay,
+        ``"replayed"`` for each line replayed, ``"history-end"`` for the
+        notice that ends it, and ``"live"`` for everything else. A replay
+        also ends at any other notice or error line: the server sends one in
+        a single piece, so either means its end notice went missing, and
+        live lines must not pass for old ones.
+        """
+        notice = parse_notice(line.text) if line.kind == "notice" else None
+        event, fields = notice or (None, {})
+        if self.replaying is not None:
+            if line.kind not in ("notice", "error"):
+                return "replayed"
+            self.replaying = None
+            if event == "history-end":
+                return "history-end"
+        if event == "history":
+            self.replaying = fields["room"]
+            return "history"
+        if event == "entered":
+            self.room = fields["room"]
+        return "live"
+
+
 # --- The terminal program -------------------------------------------------
 
+#: What the prompt ends with, after the room's name: ``#lobby> ``.
 PROMPT = "> "
+
+#: How long a terminal waits for the server to say which room we are in
+#: before it draws the first prompt (without a room) anyway.
+FIRST_PROMPT_WAIT = 2.0
+
+# Select Graphic Rendition "faint" and back to normal intensity (ECMA-48):
+# replayed messages are dim, live ones as the terminal shows text.
+_DIM, _UNDIM = "\x1b[2m", "\x1b[22m"
 
 #: How long the client waits, after leaving, for a server that has gone
 #: quiet to close the connection (see :meth:`_Listener.wait_for_goodbye`).
@@ -108,10 +170,18 @@ QUIT_GRACE = 1.0
 
 
 class _Terminal:
-    """Print incoming lines without clobbering the line being typed."""
+    """Print incoming lines without clobbering the line being typed.
 
-    def __init__(self, interactive: bool) -> None:
+    *styled*: whether replayed lines may be dimmed with an escape sequence;
+    only output to a terminal is, so that piped output stays the server's
+    lines as they came.
+    """
+
+    def __init__(self, interactive: bool, styled: bool = False) -> None:
         self.interactive = interactive
+        self.styled = styled
+        #: The room the prompt names; set by show() when the room changes.
+        self.room: str | None = None
         self._lock = threading.Lock()
         self._prompt_shown = False  # is input() waiting behind a prompt?
         self._readline = None
@@ -135,15 +205,34 @@ class _Terminal:
         self._drawing_prompt = False
         self._lock.release()
 
-    def show(self, line: str) -> None:
+    @property
+    def prompt(self) -> str:
+        """The prompt to draw now: ``#lobby> ``, or ``> `` before the room is known."""
+        return f"{self.room or ''}{PROMPT}"
+
+    def show(self, line: str, *, replayed: bool = False, room: str | None = None) -> None:
+        """Print *line*; dim it if *replayed*; from now on the prompt names *room*, if given.
+
+        The room changes under the same lock as the printing, so the prompt
+        redrawn here and the one read_line() draws next name the room the
+        server last gave.
+        """
         with self._lock:
+            if room is not None:
+                self.room = room
+            if replayed and self.styled:
+                line = f"{_DIM}{line}{_UNDIM}"
             if self._readline is None or not self._prompt_shown:
                 sys.stdout.write(line + "\n")
             else:
                 # Erase the prompt line, print the message, then draw the
                 # prompt again with whatever the user has typed so far.
+                # After a /join, readline keeps the prompt input() gave it
+                # until Enter (Python's readline module cannot change it), so
+                # a redraw readline does itself (Ctrl-L, or jumping back along
+                # a long line) may show the old room's name for that line.
                 typed = self._readline.get_line_buffer()
-                sys.stdout.write(f"\r\x1b[K{line}\n{PROMPT}{typed}")
+                sys.stdout.write(f"\r\x1b[K{line}\n{self.prompt}{typed}")
             sys.stdout.flush()
 
     def read_line(self) -> str:
@@ -156,7 +245,7 @@ class _Terminal:
             self._lock.acquire()
             self._drawing_prompt = True
             try:
-                return input(PROMPT)
+                return input(self.prompt)
             finally:
                 if self._drawing_prompt:  # input() ended before readline read a key
                     self._drawing_prompt = False
@@ -164,7 +253,7 @@ class _Terminal:
                 with self._lock:
                     self._prompt_shown = False
         if self.interactive:
-            return input(PROMPT)
+            return input(self.prompt)
         line = sys.stdin.readline()
         if not line:
             raise EOFError
@@ -177,16 +266,23 @@ class _Listener:
     def __init__(self, client: ChatClient, terminal: _Terminal) -> None:
         self.client = client
         self.terminal = terminal
+        self.rooms = RoomTracker()
         #: Set once the server has closed the connection.
         self.ended = threading.Event()
+        #: Set once the server has said which room we are in, or has closed.
+        self.placed = threading.Event()
         self.last_heard = time.monotonic()
 
     def run(self) -> None:
         """Show each line until the connection ends; the receiving thread's body."""
         for line in self.client:
             self.last_heard = time.monotonic()
-            self.terminal.show(line)
+            part = self.rooms.track(parse_server_line(line))
+            self.terminal.show(line, replayed=part == "replayed", room=self.rooms.room)
+            if self.rooms.room is not None:
+                self.placed.set()
         self.ended.set()
+        self.placed.set()
 
     def wait_for_goodbye(self, grace: float) -> None:
         """Wait until the server closes, or has said nothing for *grace* seconds.
@@ -204,7 +300,7 @@ class _Listener:
 
 def _type(
     client: ChatClient,
-    terminal: _Terminal,
+    listener: _Listener,
     leaving: threading.Event,
     input_ended: threading.Event,
 ) -> None:
@@ -214,6 +310,12 @@ def _type(
     it as one, the user is still in the room, and the end of the input must
     still end the client.
     """
+    terminal = listener.terminal
+    if terminal.interactive:
+        # readline keeps the prompt it was given until Enter, so the first
+        # one should already name the room; a server that never says which
+        # room (not chatlib's) gets a bare prompt after a moment.
+        listener.placed.wait(FIRST_PROMPT_WAIT)
     try:
         while True:
             line = terminal.read_line()
@@ -252,6 +354,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _styled_output() -> bool:
+    """Return whether stdout is a terminal that may be sent a style (dim text).
+
+    Not when piped or redirected (programs reading the output get the plain
+    lines), on a terminal that says it is dumb, or when the user asked for
+    no colour (``NO_COLOR``, https://no-color.org).
+    """
+    return (
+        sys.stdout.isatty() and os.environ.get("TERM") != "dumb" and not os.environ.get("NO_COLOR")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the terminal client; return the exit status."""
     args = _parse_args(argv)
@@ -268,13 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.name:
         client.send(f"/nick {args.name}")
 
-    terminal = _Terminal(interactive=sys.stdin.isatty() and sys.stdout.isatty())
+    terminal = _Terminal(
+        interactive=sys.stdin.isatty() and sys.stdout.isatty(), styled=_styled_output()
+    )
     listener = _Listener(client, terminal)
     leaving = threading.Event()  # we asked the server to let us go
     input_ended = threading.Event()  # Ctrl-D, or the end of piped input
     receiver = threading.Thread(target=listener.run, daemon=True)
     typist = threading.Thread(
-        target=_type, args=(client, terminal, leaving, input_ended), daemon=True
+        target=_type, args=(client, listener, leaving, input_ended), daemon=True
     )
     receiver.start()
     typist.start()

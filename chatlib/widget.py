@@ -1,7 +1,8 @@
 """A live chat panel for JupyterLab, built from ipywidgets: :class:`ChatPanel`.
 
-A panel is one chat client. It shows the conversation, who is online and
-whether it is connected, and has a box to type in::
+A panel is one chat client. It shows the conversation, which room it is in
+and who is there, whether it is connected, a box to type in, and a box to
+go to another room (``#maths``, then Join)::
 
     from ipywidgets import HBox
     alice = ChatPanel("127.0.0.1", 5050, "alice")
@@ -9,9 +10,12 @@ whether it is connected, and has a box to type in::
     HBox([alice.widget, bob.widget])  # side by side; a bare `alice` shows one
 
 Lines from the server are classified by
-:func:`chatlib.protocol.parse_server_line` and the member list is kept from
-the server's notices (:func:`chatlib.protocol.parse_notice`), so the panel
-never parses the protocol itself.
+:func:`chatlib.protocol.parse_server_line`, the member list is kept from
+the server's notices (:func:`chatlib.protocol.parse_notice`), and the room
+and the replays of recent messages are followed by
+:class:`chatlib.client.RoomTracker`, so the panel never parses the protocol
+itself. Replayed messages are shown dim, with "earlier" in place of a time,
+between two dashed rules.
 
 Two rules keep it safe in a notebook:
 
@@ -39,7 +43,7 @@ from typing import Any, NamedTuple
 
 import ipywidgets as widgets
 
-from chatlib.client import ChatClient
+from chatlib.client import ChatClient, RoomTracker
 from chatlib.protocol import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -48,7 +52,7 @@ from chatlib.protocol import (
     parse_server_line,
 )
 
-__all__ = ["HISTORY", "LINE_CLASSES", "ChatPanel", "Received"]
+__all__ = ["HISTORY", "LINE_CLASSES", "PART_CLASSES", "ChatPanel", "Received"]
 
 #: Lines a panel keeps (in its log and in :attr:`ChatPanel.messages`). Old
 #: lines go first: a long-running panel must not grow without bound, and
@@ -72,6 +76,15 @@ LINE_CLASSES = {
     "notice": "chat-notice",
     "error": "chat-error",
     "other": "chat-other",
+}
+
+#: CSS class added to a line for its part in a replay of recent messages
+#: (parts as :meth:`chatlib.client.RoomTracker.track` returns them); live
+#: lines get none.
+PART_CLASSES = {
+    "history": "chat-history",
+    "replayed": "chat-replayed",
+    "history-end": "chat-history-end",
 }
 
 # The log is a fixed-height box that scrolls. With `flex-direction:
@@ -103,6 +116,12 @@ _STYLE = """<style>
 .chat-panel .chat-notice { color: var(--jp-ui-font-color2, #666); font-style: italic; }
 .chat-panel .chat-error { color: var(--jp-error-color1, #c62828); font-weight: bold; }
 .chat-panel .chat-empty { color: var(--jp-ui-font-color3, #999); font-style: italic; }
+.chat-panel .chat-replayed { opacity: 0.6; }
+.chat-panel .chat-history { border-top: 1px dashed var(--jp-border-color1, #bbb); margin-top: 3px; }
+.chat-panel .chat-history-end {
+  border-bottom: 1px dashed var(--jp-border-color1, #bbb); margin-bottom: 3px;
+}
+.chat-panel .chat-room { color: var(--jp-brand-color1, #1976d2); }
 .chat-panel .chat-members { padding-left: 0.6em; }
 .chat-panel .chat-members-title { font-weight: bold; }
 .chat-panel .chat-member.chat-own { background: none; font-weight: bold; }
@@ -113,10 +132,16 @@ _STYLE = """<style>
 
 
 class Received(NamedTuple):
-    """A line the panel received: when (local ``HH:MM:SS``) and what."""
+    """A line the panel received: when (local ``HH:MM:SS``), what, and if it was replayed.
+
+    *replayed* is true for an earlier message the server replayed (on
+    entering a room, or for ``/history``): *time* is then when it arrived
+    again, not when it was said.
+    """
 
     time: str
     line: ServerLine
+    replayed: bool = False
 
 
 class _PanelBox(widgets.VBox):
@@ -142,9 +167,11 @@ class _Session:
         self.client = client
         self.wanted_name = wanted_name
         self.thread: threading.Thread | None = None
-        #: Set once the server has told us our name (welcome, then the
-        #: answer to /nick): the constructor waits for it.
-        self.named = threading.Event()
+        #: Whether the server has told us our name (welcome, then the answer to /nick).
+        self.name_settled = False
+        #: Set once our name is settled and the server has said which room
+        #: we are in (or the connection ended): the constructor waits for it.
+        self.ready = threading.Event()
         #: Set at interpreter exit: the receiver must leave the widgets alone.
         self.abandoned = False
 
@@ -172,13 +199,16 @@ class ChatPanel:
     Show it by ending a cell with the panel, or put :attr:`widget` in a
     layout (``HBox([alice.widget, bob.widget])``). Type in the box and press
     Enter, or click Send; lines starting with ``/`` are commands (``/me``,
-    ``/msg NAME TEXT``, ``/nick``, ``/who``, ``/help``). ipywidgets reports a
-    finished edit on Enter and also when the box loses focus with new text
-    in it, so leaving the box sends what it holds, once.
+    ``/msg NAME TEXT``, ``/nick``, ``/who``, ``/join #ROOM``, ``/help``).
+    ipywidgets reports a finished edit on Enter and also when the box loses
+    focus with new text in it, so leaving the box sends what it holds, once.
+    The room box at the top works the same way: type a room's name and
+    press Enter or click Join.
 
-    The same things work from code: :meth:`send`, :attr:`messages`,
-    :meth:`wait_for`, :attr:`members`, :attr:`member_count`, :attr:`name`,
-    :attr:`connected`, :meth:`close` and :meth:`reconnect`.
+    The same things work from code: :meth:`send`, :meth:`join`,
+    :attr:`messages`, :meth:`wait_for`, :attr:`room`, :attr:`members`,
+    :attr:`member_count`, :attr:`name`, :attr:`connected`, :meth:`close` and
+    :meth:`reconnect`.
 
     *name* is the name to ask for; the server may refuse it (taken, or not a
     valid name), and then :attr:`name` is the guest name it gave. A panel
@@ -195,10 +225,10 @@ class ChatPanel:
         history: int = HISTORY,
         timeout: float = TIMEOUT,
     ) -> None:
-        """Build the panel, connect to *host*:*port* and wait until named.
+        """Build the panel, connect to *host*:*port* and wait until named and placed.
 
-        The wait ends once the server has answered the name request, or
-        after *timeout* seconds.
+        The wait ends once the server has answered the name request and
+        said which room the panel is in, or after *timeout* seconds.
         """
         self.host = host
         self.port = port
@@ -211,6 +241,7 @@ class ChatPanel:
         self._changed = threading.Condition(self._lock)
         self._session: _Session | None = None
         self._name: str | None = None
+        self._rooms = RoomTracker()
         self._members: list[str] = []
         # How many are online that the member list leaves out: in a big room
         # the server cuts its list short to keep the line within what
@@ -218,6 +249,8 @@ class ChatPanel:
         self._unlisted = 0
         self._messages: deque[Received] = deque(maxlen=history)
         self._log_lines: deque[str] = deque(maxlen=history)
+        # Set while the panel empties one of its text boxes (the message box
+        # or the room box): that change of its value must not send anything.
         self._clearing_input = False
 
         self.status_view = widgets.HTML()
@@ -239,7 +272,25 @@ class ChatPanel:
             layout=widgets.Layout(flex="1 1 auto", width="auto"),
         )
         self.send_button = widgets.Button(description="Send", button_style="primary")
-        top = widgets.HBox([self.status_view, self.close_button, self.reconnect_button])
+        self.room_input = widgets.Text(
+            placeholder="#room",
+            continuous_update=False,  # as the message box: Enter, or leaving the box
+            layout=widgets.Layout(width="8em"),
+        )
+        self.join_button = widgets.Button(
+            description="Join",
+            tooltip="Go to the room named in the box (it is made if needed); #lobby goes back",
+            layout=widgets.Layout(width="auto"),
+        )
+        top = widgets.HBox(
+            [
+                self.status_view,
+                self.room_input,
+                self.join_button,
+                self.close_button,
+                self.reconnect_button,
+            ]
+        )
         middle = widgets.HBox([self.log_view, self.members_view])
         bottom = widgets.HBox([self.input, self.send_button])
         self._parts: list[widgets.Widget] = [
@@ -250,6 +301,8 @@ class ChatPanel:
             self.members_view,
             self.input,
             self.send_button,
+            self.room_input,
+            self.join_button,
             top,
             middle,
             bottom,
@@ -270,11 +323,15 @@ class ChatPanel:
             (self.status_view, "chat-status"),
             (self.close_button, "chat-close"),
             (self.reconnect_button, "chat-reconnect"),
+            (self.room_input, "chat-room-input"),
+            (self.join_button, "chat-join"),
         ]:
             part.add_class(css_class)
 
         self.input.observe(self._on_input, "value")
         self.send_button.on_click(self._on_send_click)
+        self.room_input.observe(self._on_room_input, "value")
+        self.join_button.on_click(self._on_join_click)
         self.close_button.on_click(lambda _button: self.close())
         self.reconnect_button.on_click(lambda _button: self.reconnect())
         # Widget.close() on the panel's widget (Widget.close_all(), say)
@@ -298,6 +355,20 @@ class ChatPanel:
             raise ConnectionError("the panel is not connected; call reconnect()")
         session.client.send(text)
 
+    def join(self, room: str) -> None:
+        """Ask to go to *room* (``"#maths"``; the ``#`` may be left out), as ``/join`` does.
+
+        The server makes the room if needed; ``"#lobby"`` goes back. This
+        returns at once: :attr:`room` and :attr:`members` change when the
+        server's answer arrives (an error line if it refuses), so wait for
+        that with :meth:`wait_for`. Raises :class:`ConnectionError` when the
+        panel is not connected.
+        """
+        room = room.strip()
+        if room and not room.startswith("#"):
+            room = "#" + room
+        self.send(f"/join {room}")
+
     def wait_for(
         self, predicate: Callable[[ServerLine], bool], timeout: float = TIMEOUT
     ) -> ServerLine:
@@ -305,8 +376,8 @@ class ChatPanel:
 
         Lines already received count, oldest first; otherwise wait until one
         arrives. Raises :class:`TimeoutError` after *timeout* seconds.
-        Everything a line changes (members, name) is updated before it is
-        visible here.
+        Everything a line changes (members, name, room) is updated before it
+        is visible here.
         """
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -349,8 +420,17 @@ class ChatPanel:
         return self._name
 
     @property
+    def room(self) -> str | None:
+        """The room you are in, as the server last said (``"#lobby"`` on arrival).
+
+        ``None`` while disconnected. It changes once the server confirms a
+        move (its "entered" notice), not when :meth:`join` asks for one.
+        """
+        return self._rooms.room
+
+    @property
     def members(self) -> list[str]:
-        """Who is online, in order of arrival, as the server's notices say.
+        """Who is in your room, in order of arrival, as the server's notices say.
 
         In a big room the server's list names only those who fit on one
         line; :attr:`member_count` counts everyone.
@@ -403,6 +483,7 @@ class ChatPanel:
         with self._lock:
             self._session = session
             self._name = None  # until the welcome says which guest we are
+            self._rooms = RoomTracker()  # until the server says where we are
             self._members = []
             self._unlisted = 0
             self._render_locked()
@@ -420,7 +501,7 @@ class ChatPanel:
             daemon=True,  # never keeps the kernel from exiting
         )
         session.thread.start()
-        session.named.wait(self.timeout)
+        session.ready.wait(self.timeout)
 
     def _receive(self, session: _Session) -> None:
         """Handle each line until the connection ends; the receiving thread's body."""
@@ -437,7 +518,7 @@ class ChatPanel:
                 self._lost_locked("Disconnected: the server closed the connection.")
         _open_sessions.discard(session)
         session.client.close()
-        session.named.set()
+        session.ready.set()
 
     def _handle(self, session: _Session, line: ServerLine) -> bool:
         """Record *line*; return whether the member list needs a ``/who``."""
@@ -445,13 +526,16 @@ class ChatPanel:
             if self._session is not session or session.abandoned:
                 return False  # a line from a connection closed meanwhile
             resync = False
+            part = self._rooms.track(line)
             if line.kind == "notice" and (notice := parse_notice(line.text)):
                 resync = self._follow_notice_locked(session, *notice)
-            elif line.kind == "error" and not session.named.is_set():
-                session.named.set()  # the server refused the name we asked for
-            received = Received(time.strftime("%H:%M:%S"), line)
+            elif line.kind == "error" and not session.name_settled:
+                session.name_settled = True  # the server refused the name we asked for
+            if session.name_settled and self._rooms.room is not None:
+                session.ready.set()
+            received = Received(time.strftime("%H:%M:%S"), line, part == "replayed")
             self._messages.append(received)
-            self._log_lines.append(self._line_html(received))
+            self._log_lines.append(self._line_html(received, part=part))
             self._render_locked()
             self._changed.notify_all()
             return resync
@@ -462,8 +546,10 @@ class ChatPanel:
         if event == "welcome":
             self._name = name
             if session.wanted_name in (None, name):
-                session.named.set()
-        elif event == "members":
+                session.name_settled = True
+        elif event in ("members", "entered"):
+            # Entering a room lists who is there, as /who does: the old
+            # room's list goes.
             self._members = fields["names"].split(", ") if fields["names"] else []
             self._unlisted = max(0, int(fields["count"]) - len(self._members))
         elif event == "joined":
@@ -482,7 +568,7 @@ class ChatPanel:
         elif event == "renamed":
             if fields["old"] == self._name:
                 self._name = name
-                session.named.set()
+                session.name_settled = True
             if fields["old"] in self._members:
                 self._members[self._members.index(fields["old"])] = name
             elif not self._unlisted:
@@ -490,6 +576,7 @@ class ChatPanel:
         return False
 
     def _lost_locked(self, reason: str) -> None:
+        self._rooms = RoomTracker()
         self._members = []
         self._unlisted = 0
         self._add_local_locked("notice", reason)
@@ -501,8 +588,11 @@ class ChatPanel:
         received = Received(time.strftime("%H:%M:%S"), ServerLine(kind, text))
         self._log_lines.append(self._line_html(received, local=True))
 
-    def _line_html(self, received: Received, *, local: bool = False) -> str:
-        """Return one log line as HTML; every piece of text is escaped."""
+    def _line_html(self, received: Received, *, local: bool = False, part: str = "live") -> str:
+        """Return one log line as HTML; every piece of text is escaped.
+
+        *part* is the line's part in a replay (see :data:`PART_CLASSES`).
+        """
         line, me = received.line, self._name
         own = line.kind == "private-sent" or (
             line.kind in ("message", "action") and line.name is not None and line.name == me
@@ -512,6 +602,8 @@ class ChatPanel:
             classes.append("chat-own")
         if local:
             classes.append("chat-local")
+        if part in PART_CLASSES:
+            classes.append(PART_CLASSES[part])
         name = html.escape(line.name or "")
         text = html.escape(line.text)
         if line.kind == "message":
@@ -532,10 +624,14 @@ class ChatPanel:
             )
         else:
             body = text
-        return (
-            f'<div class="{" ".join(classes)}">'
-            f'<span class="chat-time">{html.escape(received.time)}</span> {body}</div>'
+        # A replayed message was said before it arrived, when nobody knows
+        # (the server sends no times): "earlier" says so without colour.
+        when = (
+            '<span class="chat-label chat-earlier">earlier</span>'
+            if received.replayed
+            else f'<span class="chat-time">{html.escape(received.time)}</span>'
         )
+        return f'<div class="{" ".join(classes)}">{when} {body}</div>'
 
     def _render_locked(self) -> None:
         """Show the current state in the widgets (caller holds the lock)."""
@@ -562,9 +658,14 @@ class ChatPanel:
             members += f'<div class="chat-members-more">and {self._unlisted} more</div>'
         count = len(self._members) + self._unlisted
         title = f"Online ({count})" if connected else "Offline"
+        if connected and self._rooms.room:
+            title = f'<span class="chat-room">{html.escape(self._rooms.room)}</span> · {title}'
+
         self.members_view.value = f'<div class="chat-members-title">{title}</div>{members}'
         self.input.disabled = not connected
         self.send_button.disabled = not connected
+        self.room_input.disabled = not connected
+        self.join_button.disabled = not connected
         self.close_button.disabled = not connected
 
     def _on_input(self, change: dict) -> None:
@@ -575,6 +676,13 @@ class ChatPanel:
 
     def _on_send_click(self, _button: widgets.Button) -> None:
         self._submit()
+
+    def _on_room_input(self, change: dict) -> None:
+        if not self._clearing_input and change["new"]:
+            self._submit_room()
+
+    def _on_join_click(self, _button: widgets.Button) -> None:
+        self._submit_room()
 
     def _submit(self) -> None:
         """Send what the box holds, once, and empty it."""
@@ -591,6 +699,28 @@ class ChatPanel:
             return
         try:
             self.send(text)
+        except OSError as error:  # ConnectionError (not connected) is one too
+            with self._lock:
+                self._add_local_locked("error", f"Not sent: {error}.")
+                self._render_locked()
+
+    # Notebook 06 prints _submit's source: the room box's twin below keeps
+    # the same shape rather than the two sharing a helper.
+    def _submit_room(self) -> None:
+        """Ask to go to the room the room box names, once, and empty it."""
+        room = self.room_input.value
+        if not room:
+            return  # already asked: Enter (or leaving the box) came first
+        with self._lock:
+            self._clearing_input = True
+            try:
+                self.room_input.value = ""
+            finally:
+                self._clearing_input = False
+        if not room.strip():
+            return
+        try:
+            self.join(room)
         except OSError as error:  # ConnectionError (not connected) is one too
             with self._lock:
                 self._add_local_locked("error", f"Not sent: {error}.")

@@ -326,6 +326,27 @@ def test_two_panels_chat_live_and_show_html_as_text(browser, lab):
     alice_input.press("Enter")
     expect(bob_log).to_contain_text("back again", timeout=CHAT_TIMEOUT)
 
+    # The room box: Enter goes to another room, Join back to the lobby, whose
+    # recent messages (the notebook's server keeps some) come back dimmed.
+    alice_room = alice.locator(".chat-members .chat-room")
+    expect(alice_room).to_have_text("#lobby")
+    alice_room_input = alice.locator(".chat-room-input input")
+    alice_room_input.fill("#maths")
+    alice_room_input.press("Enter")
+    expect(alice_room).to_have_text("#maths", timeout=CHAT_TIMEOUT)
+    expect(alice.locator(".chat-members")).to_contain_text("Online (1)")
+    expect(bob_log).to_contain_text("alice left (for another room).", timeout=CHAT_TIMEOUT)
+    alice_room_input.fill("#lobby")
+    alice.locator(".chat-join").click()
+    expect(alice_room).to_have_text("#lobby", timeout=CHAT_TIMEOUT)
+    expect(alice_room_input).to_have_value("")
+    expect(alice.locator(".chat-line.chat-replayed").last).to_contain_text("back again")
+    expect(alice.locator(".chat-line.chat-history-end").last).to_be_visible()
+    opacity = alice.locator(".chat-line.chat-replayed").last.evaluate(
+        "(element) => getComputedStyle(element).opacity"
+    )
+    assert float(opacity) < 1
+
     if screenshot := os.environ.get("CHATLIB_SCREENSHOT"):
         page.locator(".chat-panel").first.locator("xpath=..").screenshot(path=screenshot)
     page.close()

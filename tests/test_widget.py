@@ -22,7 +22,7 @@ widgets = pytest.importorskip("ipywidgets")
 
 from chatlib import widget as widget_module  # noqa: E402
 from chatlib.chat import Limits  # noqa: E402
-from chatlib.protocol import CLIENT_MAX_LINE, ServerLine, format_notice  # noqa: E402
+from chatlib.protocol import CLIENT_MAX_LINE, LOBBY, ServerLine, format_notice  # noqa: E402
 from chatlib.server import create_server  # noqa: E402
 from chatlib.widget import ChatPanel  # noqa: E402
 from tests.helpers import TIMEOUT, wait_until  # noqa: E402
@@ -44,9 +44,13 @@ def receiver(panel: ChatPanel) -> threading.Thread:
 
 
 @pytest.fixture
-def server(health):
-    # No flood control: some tests send many lines at once.
-    with create_server("threads", "127.0.0.1", 0, Limits(rate=0)) as server:
+def server(health, request):
+    # No flood control: some tests send many lines at once. No recent messages
+    # replayed, unless a test asks for them by parametrising this fixture
+    # indirectly ({"history": 5}): what a panel reads first must not depend
+    # on what an earlier panel said.
+    limits = Limits(**{"rate": 0, "history": 0, **getattr(request, "param", {})})
+    with create_server("threads", "127.0.0.1", 0, limits) as server:
         yield server
 
 
@@ -80,9 +84,9 @@ def bob(make_panel, alice) -> ChatPanel:
 class ScriptedServer:
     """A one-client server whose lines the test writes, recording what the client sends.
 
-    It welcomes the client as ``guest1`` at once (a panel waits for that),
-    then sends whatever :meth:`send` is given, and closes when the client
-    says ``/quit``, as the room does.
+    It welcomes the client as ``guest1`` and puts it in #lobby at once (a
+    panel waits for both), then sends whatever :meth:`send` is given, and
+    closes when the client says ``/quit``, as the room does.
     """
 
     def __init__(self) -> None:
@@ -114,7 +118,9 @@ class ScriptedServer:
         with conn:
             self._conn = conn
             self._accepted.set()
-            conn.sendall(f"*** {format_notice('welcome', name='guest1')}\n".encode())
+            welcome = format_notice("welcome", name="guest1")
+            entered = format_notice("entered", room=LOBBY, count=1, names="guest1", more="")
+            conn.sendall(f"*** {welcome}\n*** {entered}\n".encode())
             received = b""
             while "/quit" not in self.heard and (data := conn.recv(4096)):
                 received += data
@@ -347,6 +353,118 @@ def test_an_out_of_step_member_list_asks_the_server(alice, bob):
     assert alice.members == ["alice"]
 
 
+# --- Rooms and replayed messages ----------------------------------------------
+
+
+def test_panels_learn_their_room_and_show_it(alice, bob):
+    assert alice.room == bob.room == "#lobby"
+    assert '<span class="chat-room">#lobby</span> · Online (2)' in alice.members_view.value
+
+
+def test_joining_a_room_moves_the_panel_and_its_member_list(alice, bob, make_panel):
+    alice.join("maths")  # the # may be left out
+    alice.wait_for(text_is("You are in #maths (1 here): alice"))
+    assert alice.room == "#maths"
+    assert alice.members == ["alice"]  # bob stayed behind: the list starts again
+    assert '<span class="chat-room">#maths</span> · Online (1)' in alice.members_view.value
+    bob.wait_for(text_is("alice left (for another room)."))
+    assert bob.room == "#lobby" and bob.members == ["bob"]
+
+    # The room box: Enter in it (then a click on Join, which finds it empty).
+    bob.room_input.value = "#maths"
+    bob.join_button.click()
+    assert bob.room_input.value == ""
+    bob.wait_for(text_is("You are in #maths (2 here): alice, bob"))
+    alice.wait_for(text_is("bob joined."))
+    assert alice.members == bob.members == ["alice", "bob"]
+    assert bob.room == "#maths"
+    say_and_sync(bob, alice, bob)
+    # A second /join would have been answered "You are in #maths already."
+    assert not [m for m in bob.messages if m.line.kind == "error"]
+
+    # Chat stays in its room; a private message reaches the lobby, after it.
+    carol = make_panel("carol")
+    assert carol.room == "#lobby" and carol.members == ["carol"]
+    alice.send("for #maths only")
+    alice.send("/msg carol psst")
+    carol.wait_for(text_is("psst"))
+    assert count(carol, "for #maths only") == 0
+
+    bob.send("/part")
+    bob.wait_for(text_is("You are in #lobby (2 here): carol, bob"))
+    assert bob.room == "#lobby" and bob.members == ["carol", "bob"]
+    alice.wait_for(text_is("bob left (for another room)."))
+    assert alice.members == ["alice"]
+
+
+def test_the_room_box_asks_once_and_the_room_changes_when_the_server_says(scripted):
+    server, panel = scripted
+    server.send("*** alice joined.")
+    panel.wait_for(text_is("alice joined."))
+    assert panel.members == ["guest1", "alice"]
+    panel.room_input.value = "maths"  # Enter
+    panel.join_button.click()  # the box is empty by now: nothing more
+    wait_until(lambda: "/join #maths" in server.heard, what="the panel's /join")
+    assert panel.room == "#lobby"  # not until the server says so
+    server.send("*** You are in #maths (2 here): carol, guest1")
+    panel.wait_for(text_is("You are in #maths (2 here): carol, guest1"))
+    assert panel.room == "#maths"
+    assert panel.members == ["carol", "guest1"]
+    assert '<span class="chat-room">#maths</span> · Online (2)' in panel.members_view.value
+    panel.close()
+    assert server.heard == ["/join #maths", "/quit"]
+
+
+@pytest.mark.parametrize("server", [{"history": 5}], indirect=True)
+def test_replayed_messages_are_styled_apart_from_live_ones(make_panel):
+    alice = make_panel("alice")
+    alice.send("said before")
+    alice.send("/me waved before")
+    alice.wait_for(text_is("waved before"))
+    carol = make_panel("carol")
+    carol.wait_for(text_is("End of recent messages in #lobby."))
+    assert [m.line.text for m in carol.messages if m.replayed] == ["said before", "waved before"]
+    lines = list(carol.log_lines)
+    start = next(i for i, line in enumerate(lines) if "Recent messages in #lobby (2):" in line)
+    opening, said, waved, closing = lines[start : start + 4]
+    assert 'class="chat-line chat-notice chat-history"' in opening
+    assert 'class="chat-line chat-message chat-replayed"' in said
+    assert 'class="chat-line chat-action chat-replayed"' in waved
+    for replayed in (said, waved):
+        # No receive time on a line said earlier: a label instead.
+        assert '<span class="chat-label chat-earlier">earlier</span>' in replayed
+        assert "chat-time" not in replayed
+    assert 'class="chat-line chat-notice chat-history-end"' in closing
+    assert ".chat-panel .chat-replayed {" in carol.log_view.value  # styled, not just marked
+
+    alice.send("said now")
+    carol.wait_for(text_is("said now"))
+    assert not carol.messages[-1].replayed
+    assert carol.log_lines[-1].startswith('<div class="chat-line chat-message">')
+
+    # /history replays in the same form.
+    carol.send("/history 1")
+    wait_until(lambda: count(carol, "End of recent messages in #lobby.") == 2, what="a replay")
+    assert [m.line.text for m in carol.messages if m.replayed][-1] == "said now"
+    assert "chat-replayed" in carol.log_lines[-2]
+
+
+def test_a_replay_ends_at_a_notice_even_without_its_end(scripted):
+    server, panel = scripted
+    server.send(
+        "*** Recent messages in #lobby (2):",
+        "<alice> old",
+        "*** bob joined.",  # a broken server: no end notice
+        "<bob> new",
+    )
+    panel.wait_for(text_is("new"))
+    assert [(m.line.text, m.replayed) for m in panel.messages[-3:]] == [
+        ("old", True),
+        ("bob joined.", False),
+        ("new", False),
+    ]
+
+
 # --- Safety ----------------------------------------------------------------------
 
 
@@ -396,9 +514,10 @@ def test_close_ends_the_thread_and_the_socket(alice, bob):
     alice.close()
     assert not thread.is_alive()  # close() waits for it (bounded)
     assert sock.fileno() == -1
-    assert not alice.connected and alice.members == []
+    assert not alice.connected and alice.members == [] and alice.room is None
     assert "disconnected" in alice.status_view.value
     assert alice.input.disabled and alice.send_button.disabled and alice.close_button.disabled
+    assert alice.room_input.disabled and alice.join_button.disabled
     assert not alice.reconnect_button.disabled
     bob.wait_for(text_is("alice left."))
     assert bob.members == ["bob"]
@@ -406,9 +525,12 @@ def test_close_ends_the_thread_and_the_socket(alice, bob):
 
 
 def test_reconnect_gets_the_same_name_back(alice, bob):
+    alice.join("#maths")
+    alice.wait_for(text_is("You are in #maths (1 here): alice"))
     alice.close()
     alice.reconnect()
     assert alice.connected and alice.name == "alice"
+    assert alice.room == "#lobby"  # a new connection starts in the lobby
     assert alice.members == ["bob", "alice"]
     alice.send("back again")
     bob.wait_for(text_is("back again"))
@@ -481,7 +603,10 @@ def test_widgets_carry_the_css_classes_tests_select_on(alice):
         "chat-status": alice.status_view,
         "chat-close": alice.close_button,
         "chat-reconnect": alice.reconnect_button,
+        "chat-room-input": alice.room_input,
+        "chat-join": alice.join_button,
     }
     for css_class, part in classes.items():
         assert css_class in part._dom_classes
     assert alice.input.continuous_update is False
+    assert alice.room_input.continuous_update is False

@@ -8,9 +8,8 @@ replayed as you enter a room are shown dim. Piped output is the server's
 lines, exactly. Leave with ``/quit``, ``exit``, Ctrl-D or Ctrl-C; the end of
 piped input leaves too.
 
-:class:`RoomTracker` follows, from the server's notices, which room you are
-in and which lines are replays; the chat panel (:mod:`chatlib.widget`) uses
-it too.
+:class:`~chatlib.protocol.RoomTracker` follows, from the server's notices,
+which room you are in and which lines are replays.
 """
 
 from __future__ import annotations
@@ -31,14 +30,13 @@ from chatlib.protocol import (
     DEFAULT_PORT,
     READ_SIZE,
     LineFramer,
-    ServerLine,
+    RoomTracker,
     encode_line,
     parse_command,
-    parse_notice,
     parse_server_line,
 )
 
-__all__ = ["ChatClient", "RoomTracker", "main"]
+__all__ = ["ChatClient", "main"]
 
 
 class ChatClient:
@@ -106,49 +104,6 @@ class ChatClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class RoomTracker:
-    """Follow which room you are in, and which lines replay earlier messages.
-
-    Give :meth:`track` every line the server sends, in order. A client
-    learns its room from the "entered" notice (``*** You are in #maths (2
-    here): ...``), sent on arrival and after each ``/join`` or ``/part``; the
-    lines between the "history" and "history-end" notices (see
-    :data:`~chatlib.protocol.NOTICES`) are earlier messages replayed, which a
-    client should show apart from live ones. Nothing here does I/O.
-    """
-
-    def __init__(self) -> None:
-        #: The room the server last said you are in; ``None`` until it has.
-        self.room: str | None = None
-        #: The room whose recent messages are being replayed; ``None`` between replays.
-        self.replaying: str | None = None
-
-    def track(self, line: ServerLine) -> str:
-        """Note what *line* tells about the room; return its part in the conversation.
-
-        The part is ``"history"`` for the notice that starts a replay,
-        ``"replayed"`` for each line replayed, ``"history-end"`` for the
-        notice that ends it, and ``"live"`` for everything else. A replay
-        also ends at any other notice or error line: the server sends one in
-        a single piece, so either means its end notice went missing, and
-        live lines must not pass for old ones.
-        """
-        notice = parse_notice(line.text) if line.kind == "notice" else None
-        event, fields = notice or (None, {})
-        if self.replaying is not None:
-            if line.kind not in ("notice", "error"):
-                return "replayed"
-            self.replaying = None
-            if event == "history-end":
-                return "history-end"
-        if event == "history":
-            self.replaying = fields["room"]
-            return "history"
-        if event == "entered":
-            self.room = fields["room"]
-        return "live"
 
 
 # --- The terminal program -------------------------------------------------

@@ -13,7 +13,7 @@ Lines from the server are classified by
 :func:`chatlib.protocol.parse_server_line`, the member list is kept from
 the server's notices (:func:`chatlib.protocol.parse_notice`), and the room
 and the replays of recent messages are followed by
-:class:`chatlib.client.RoomTracker`, so the panel never parses the protocol
+:class:`chatlib.protocol.RoomTracker`, so the panel never parses the protocol
 itself. Replayed messages are shown dim, with "earlier" in place of a time,
 between two dashed rules.
 
@@ -43,10 +43,11 @@ from typing import Any, NamedTuple
 
 import ipywidgets as widgets
 
-from chatlib.client import ChatClient, RoomTracker
+from chatlib.client import ChatClient
 from chatlib.protocol import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    RoomTracker,
     ServerLine,
     parse_notice,
     parse_server_line,
@@ -79,7 +80,7 @@ LINE_CLASSES = {
 }
 
 #: CSS class added to a line for its part in a replay of recent messages
-#: (parts as :meth:`chatlib.client.RoomTracker.track` returns them); live
+#: (parts as :meth:`chatlib.protocol.RoomTracker.track` returns them); live
 #: lines get none.
 PART_CLASSES = {
     "history": "chat-history",
@@ -672,55 +673,33 @@ class ChatPanel:
         # Clearing the box after a send changes its value too; that change
         # must not send anything.
         if not self._clearing_input and change["new"]:
-            self._submit()
+            self._submit(self.input, self.send)
 
     def _on_send_click(self, _button: widgets.Button) -> None:
-        self._submit()
+        self._submit(self.input, self.send)
 
     def _on_room_input(self, change: dict) -> None:
         if not self._clearing_input and change["new"]:
-            self._submit_room()
+            self._submit(self.room_input, self.join)
 
     def _on_join_click(self, _button: widgets.Button) -> None:
-        self._submit_room()
+        self._submit(self.room_input, self.join)
 
-    def _submit(self) -> None:
-        """Send what the box holds, once, and empty it."""
-        text = self.input.value
+    def _submit(self, box: widgets.Text, act: Callable[[str], None]) -> None:
+        """Hand what *box* holds to *act* (send it, or join it), once, and empty the box."""
+        text = box.value
         if not text:
-            return  # already sent: Enter (or leaving the box) came first
+            return  # already handed over: Enter (or leaving the box) came first
         with self._lock:
             self._clearing_input = True
             try:
-                self.input.value = ""
+                box.value = ""
             finally:
                 self._clearing_input = False
         if not text.strip():
             return
         try:
-            self.send(text)
-        except OSError as error:  # ConnectionError (not connected) is one too
-            with self._lock:
-                self._add_local_locked("error", f"Not sent: {error}.")
-                self._render_locked()
-
-    # Notebook 06 prints _submit's source: the room box's twin below keeps
-    # the same shape rather than the two sharing a helper.
-    def _submit_room(self) -> None:
-        """Ask to go to the room the room box names, once, and empty it."""
-        room = self.room_input.value
-        if not room:
-            return  # already asked: Enter (or leaving the box) came first
-        with self._lock:
-            self._clearing_input = True
-            try:
-                self.room_input.value = ""
-            finally:
-                self._clearing_input = False
-        if not room.strip():
-            return
-        try:
-            self.join(room)
+            act(text)
         except OSError as error:  # ConnectionError (not connected) is one too
             with self._lock:
                 self._add_local_locked("error", f"Not sent: {error}.")

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from chatlib.chat import Limits
-from chatlib.client import ChatClient, RoomTracker
-from chatlib.protocol import format_notice, parse_server_line
+from chatlib.client import ChatClient
+from chatlib.protocol import RoomTracker, format_notice, parse_server_line
 from chatlib.server import ENGINES, create_server
 
 TIMEOUT = 10

@@ -8,8 +8,10 @@ README and the course map in notebook 00 list every notebook.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -271,6 +273,29 @@ class _SharedDict:
         return self._names  # the live dict, not a copy
 
 
+def _everyone_hears_everything(rooms, sender, line):
+    return {name for names in rooms.values() for name in names}
+
+
+class _UnboundedRing:
+    def __init__(self, kept):
+        self._lines = []
+
+    def add(self, line):
+        self._lines.append(line)
+
+    def recent(self, count):
+        return self._lines[-count:]
+
+
+def _oldest_from_file(path, room, count):
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(
+            "SELECT line FROM messages WHERE room = ? ORDER BY id LIMIT ?", (room, count)
+        ).fetchall()
+    return [line for (line,) in rows]
+
+
 def _lines_without_last(sock):
     data = b""
     while chunk := sock.recv(1024):
@@ -288,6 +313,12 @@ def _lines_without_last(sock):
         ("check_lines_before_drop", lambda sendq, line_size: sendq // line_size + 1),
         ("check_bounded_queue", _NeverFull),
         ("check_read_to_end", _lines_without_last),
+        (
+            "check_audience",
+            lambda rooms, sender, line: {n for names in rooms.values() for n in names},
+        ),
+        ("check_ring", _UnboundedRing),
+        ("check_recent_from_file", _oldest_from_file),
     ],
 )
 def test_exercise_checks_reject_wrong_answers(check, wrong):

@@ -740,7 +740,7 @@ class Chat:
             self._send(conn, f"*** No messages in {conn.room.name} yet.")
 
     def _do_help(self, conn: Connection, args: str) -> None:
-        self._send(conn, "*** Type a line to say it to everyone. Commands:")
+        self._send(conn, "*** Type a line to say it to everyone in your room. Commands:")
         for usage, meaning in COMMANDS.values():
             self._send(conn, f"***   {usage:<16} {meaning}")
         self._send(conn, "***   (start a message with // to say something that starts with /)")

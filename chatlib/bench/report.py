@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from chatlib.bench.loadgen import (
 from chatlib.bench.servers import (
     CHATLIB_ENGINES,
     SERVER_KINDS,
+    STORE_SUFFIX,
     Server,
     ServerError,
     StopResult,
@@ -51,6 +53,7 @@ TARGETS = {
     "share_of_redis": 0.8,  # typing deliveries/s, each engine vs Redis pub/sub
     "pipelined_share_of_redis": 0.6,  # pipelined deliveries/s, each engine vs Redis
     "times_naive": 2.0,  # typing deliveries/s, each engine vs the naive server
+    "store_share": 0.8,  # typing deliveries/s, each engine with --store vs without
     "idle_clients": 5000,  # the scale targets are checked with this many clients
     "asyncio_kib_per_client": 4.0,
     "asyncio_broadcast_ms": 100.0,
@@ -135,14 +138,17 @@ def run_bench(
     broadcasts: int = 5,
     scale_timeout: float = 300.0,
     crowd: Sequence[int] = CROWD_SIZES,
+    store: bool = True,
     pin: bool = True,
     progress: Progress | None = None,
 ) -> BenchReport:
     """Measure each of *servers* (default: all available) in turn; return the report.
 
     Each server gets a fresh process for the fan-out runs with *clients*
-    (typing, then pipelined with *window* lines in flight; 0 skips them) and
-    another for the scale run with *idle_clients* (0 skips it), bounded by
+    (typing, then pipelined with *window* lines in flight; 0 skips them); with
+    *store*, each chatlib engine then gets one more for the same fan-out runs
+    with ``--store`` on a fresh SQLite file, named ``engine+store`` in the
+    report. Then a fresh process for the scale run with *idle_clients* (0 skips it), bounded by
     *scale_timeout* seconds, which ends by timing the server's exit after
     SIGTERM with every client still connected. Then one more process for each
     size in *crowd* (:func:`run_crowd`, also bounded by *scale_timeout*; an
@@ -163,8 +169,15 @@ def run_bench(
         "broadcasts": broadcasts,
         "scale_timeout": scale_timeout,
         "crowd": sorted({size for size in crowd if size > 0}),
+        "store": store,
     }
     report = BenchReport(settings=settings, machine=machine_info())
+    if store and clients > 0 and set(names) & set(CHATLIB_ENGINES):
+        # Where the file lives matters: tmpfs would hide every write to disk.
+        report.notes.append(
+            f"{STORE_SUFFIX}: the engine with --store on a fresh SQLite file under "
+            f"{tempfile.gettempdir()} (WAL, synchronous=NORMAL)"
+        )
     if servers is None:
         for name in SERVER_KINDS:
             if name not in names:
@@ -192,6 +205,9 @@ def run_bench(
         for name in names:
             if clients > 0:
                 _measure_fanout(report, name, server_cpu, say)
+                if store and name in CHATLIB_ENGINES:
+                    # Right after the run without, so both see the same machine.
+                    _measure_fanout(report, name, server_cpu, say, store=True)
             if idle_clients > 0 and name not in report.errors:
                 _measure_scale(report, name, server_cpu, say)
             for size in _crowd_sizes(name, settings["crowd"]):
@@ -245,6 +261,7 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
                 checks.append(
                     _check_ratio(targets[1], result, naive, "naive", times, "{:.1f}x", judged, off)
                 )
+    checks += [_check_store(report, engine, right_size, off_size) for engine in CHATLIB_ENGINES]
 
     wanted = TARGETS["idle_clients"]
     kib, ms = TARGETS["asyncio_kib_per_client"], TARGETS["asyncio_broadcast_ms"]
@@ -382,6 +399,22 @@ def _check_ratio(
     return TargetCheck(target, ratio >= wanted if judged else None, shown_as.format(ratio) + off)
 
 
+def _check_store(report: BenchReport, engine: str, judged: bool, off: str) -> TargetCheck:
+    """Check *engine*'s typing deliveries/s with ``--store`` against its own without."""
+    share = TARGETS["store_share"]
+    target = f"{engine}: typing deliveries/s with --store >= {share:.0%} of without"
+    name = engine + STORE_SUFFIX
+    result = report.typing.get(name)
+    if result is not None:
+        return _check_ratio(
+            target, result, report.typing.get(engine), engine, share, "{:.0%}", judged, off
+        )
+    if name in report.errors:
+        return TargetCheck(target, False, report.errors[name])
+    skipped = "not run" if report.settings.get("store", True) else "not run: --no-store"
+    return TargetCheck(target, None, skipped)
+
+
 def _check_stop(report: BenchReport, engine: str) -> TargetCheck:
     wanted, seconds = TARGETS["idle_clients"], TARGETS["stop_s"]
     target = f"{engine}: SIGTERM with {wanted} clients connected exits 0 within {seconds:g} s"
@@ -511,11 +544,14 @@ def _vs_redis(
     return ratio <= times, shown
 
 
-def _measure_fanout(report: BenchReport, name: str, cpu: int | None, say: Progress) -> None:
+def _measure_fanout(
+    report: BenchReport, name: str, cpu: int | None, say: Progress, *, store: bool = False
+) -> None:
     s = report.settings
-    server = _start(report, name, cpu, say)
+    server = _start(report, name, cpu, say, store=store)
     if server is None:
         return
+    name = server.name  # engine+store with a store
     with server:
         try:
             for window, results in ((1, report.typing), (s["window"], report.pipelined)):
@@ -599,13 +635,16 @@ def _sizes_text(sizes: Sequence[int]) -> str:
     return " and ".join(filter(None, [", ".join(words[:-1]), *words[-1:]]))
 
 
-def _start(report: BenchReport, name: str, cpu: int | None, say: Progress) -> Server | None:
-    say(f"{name}: starting the server...")
+def _start(
+    report: BenchReport, name: str, cpu: int | None, say: Progress, *, store: bool = False
+) -> Server | None:
+    label = name + STORE_SUFFIX if store else name
+    say(f"{label}: starting the server...")
     try:
-        return start_server(name, cpu=cpu)
+        return start_server(name, store=store, cpu=cpu)
     except ServerError as error:
-        report.errors[name] = str(error)
-        say(f"{name}: {error}")
+        report.errors[label] = str(error)
+        say(f"{label}: {error}")
         return None
 
 
@@ -654,12 +693,15 @@ def _pinned(pin: bool) -> Iterator[tuple[int | None, int | None]]:
 def _fanout_table(results: dict[str, FanoutResult]) -> list[str]:
     redis = results.get("redis")
     naive = results.get("naive")
+    # The column shows only when there are rows with a store to hold against their engine's.
+    stored = any(name.endswith(STORE_SUFFIX) for name in results)
     rows = [
         (
             "server",
             "deliveries/s",
             "% of Redis",
             "x naive",
+            *(["vs no store"] if stored else []),
             "p50 ms",
             "p99 ms",
             "lost",
@@ -668,12 +710,17 @@ def _fanout_table(results: dict[str, FanoutResult]) -> list[str]:
         )
     ]
     for name, r in results.items():
+        plain = results.get(name.removesuffix(STORE_SUFFIX))
+        vs_plain = "-"
+        if name.endswith(STORE_SUFFIX) and plain is not None:
+            vs_plain = f"{r.deliveries_per_s / plain.deliveries_per_s:.0%}"
         rows.append(
             (
                 name,
                 f"{r.deliveries_per_s:,.0f}",
                 f"{r.deliveries_per_s / redis.deliveries_per_s:.0%}" if redis else "-",
                 f"{r.deliveries_per_s / naive.deliveries_per_s:.1f}x" if naive else "-",
+                *([vs_plain] if stored else []),
                 f"{r.p50_ms:.2f}",
                 f"{r.p99_ms:.2f}",
                 str(r.lost),

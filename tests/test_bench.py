@@ -33,6 +33,7 @@ from chatlib.bench import (
     run_bench,
     run_crowd,
     run_fanout,
+    run_fanout_alternating,
     run_scale,
     start_server,
 )
@@ -162,6 +163,21 @@ def test_quick_fanout_against_naive_counts_every_delivery(naive, window):
     assert result.deliveries_per_s > 0
     assert 0 < result.p50_ms <= result.p99_ms
     assert result.loadgen_cpu > 0
+
+
+def test_alternating_fanout_counts_every_delivery_of_every_slice_on_each_server(naive):
+    with start_server("naive") as other:
+        # 1 s in slices of about 0.5 s: two slices each, taken in turn.
+        results = run_fanout_alternating(
+            [naive, other], clients=10, senders=2, duration=1.0, warmup=0
+        )
+    assert [result.server for result in results] == ["naive", "naive"]
+    for result in results:
+        assert result.lost == 0
+        assert result.deliveries == result.messages * 10 > 0
+        assert result.deliveries_per_s == result.deliveries / result.seconds
+        assert 0 < result.p50_ms <= result.p99_ms
+        assert result.server_cpu is not None
 
 
 def test_fanout_reads_every_client_at_once_or_in_batches_alike(naive):
@@ -343,7 +359,8 @@ def test_command_line_quick_run_sets_each_engine_with_a_store_beside_it(tmp_path
     args = ["--quick", "--servers", "selectors", "--idle-clients", "0", "--crowd", "0"]
     run = bench_command(*args, "--duration", "0.3", "--json", str(out))
     assert run.returncode == 0, run.stderr
-    assert "selectors+store: typing, 20 clients, 4 senders..." in run.stderr
+    # The two take turns in one run, rather than one run after the other.
+    assert "selectors, selectors+store: typing, 20 clients, 4 senders..." in run.stderr
     data = json.loads(out.read_text())
     for mode in ("typing", "pipelined"):
         assert list(data[mode]) == ["selectors", "selectors+store"]

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         "--store",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run each chatlib engine's fan-out again with the server's --store, on a "
-        "fresh SQLite file, beside the run without (engine+store in the tables); "
-        "--no-store skips it (default: on)",
+        help="run each chatlib engine's fan-out also with the server's --store on a fresh "
+        "SQLite file (engine+store in the tables), the two taking turns; --no-store "
+        "skips it (default: on)",
     )
     add(
         "--scale-timeout",

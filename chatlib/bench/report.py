@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -18,7 +19,7 @@ from chatlib.bench.loadgen import (
     Progress,
     ScaleResult,
     run_crowd,
-    run_fanout,
+    run_fanout_alternating,
     run_scale,
 )
 from chatlib.bench.servers import (
@@ -146,9 +147,11 @@ def run_bench(
 
     Each server gets a fresh process for the fan-out runs with *clients*
     (typing, then pipelined with *window* lines in flight; 0 skips them); with
-    *store*, each chatlib engine then gets one more for the same fan-out runs
-    with ``--store`` on a fresh SQLite file, named ``engine+store`` in the
-    report. Then a fresh process for the scale run with *idle_clients* (0 skips it), bounded by
+    *store*, each chatlib engine gets a second process beside the first, with
+    ``--store`` on a fresh SQLite file (``engine+store`` in the report), and
+    the two take turns in slices of the same runs
+    (:func:`~chatlib.bench.loadgen.run_fanout_alternating`). Then a fresh
+    process for the scale run with *idle_clients* (0 skips it), bounded by
     *scale_timeout* seconds, which ends by timing the server's exit after
     SIGTERM with every client still connected. Then one more process for each
     size in *crowd* (:func:`run_crowd`, also bounded by *scale_timeout*; an
@@ -204,10 +207,9 @@ def run_bench(
         load_before = _load_average()
         for name in names:
             if clients > 0:
-                _measure_fanout(report, name, server_cpu, say)
-                if store and name in CHATLIB_ENGINES:
-                    # Right after the run without, so both see the same machine.
-                    _measure_fanout(report, name, server_cpu, say, store=True)
+                _measure_fanout(
+                    report, name, server_cpu, say, store=store and name in CHATLIB_ENGINES
+                )
             if idle_clients > 0 and name not in report.errors:
                 _measure_scale(report, name, server_cpu, say)
             for size in _crowd_sizes(name, settings["crowd"]):
@@ -547,18 +549,27 @@ def _vs_redis(
 def _measure_fanout(
     report: BenchReport, name: str, cpu: int | None, say: Progress, *, store: bool = False
 ) -> None:
+    """Run the fan-out on *name*; with *store*, on it and on *name*+store, in turns."""
     s = report.settings
-    server = _start(report, name, cpu, say, store=store)
-    if server is None:
+    servers = [_start(report, name, cpu, say)]
+    if store:
+        servers.append(_start(report, name, cpu, say, store=True))
+    running = [server for server in servers if server is not None]
+    if not running:
         return
-    name = server.name  # engine+store with a store
-    with server:
+    names = ", ".join(server.name for server in running)
+    with contextlib.ExitStack() as stack:
+        for server in running:
+            stack.enter_context(server)
         try:
             for window, results in ((1, report.typing), (s["window"], report.pipelined)):
                 mode = "typing" if window == 1 else "pipelined"
-                say(f"{name}: {mode}, {s['clients']} clients, {s['senders']} senders...")
-                results[name] = run_fanout(
-                    server,
+                say(f"{names}: {mode}, {s['clients']} clients, {s['senders']} senders...")
+                # With a store, both servers take turns: their ratio is the
+                # point, and a burst of other work on the machine must not
+                # fall on one of them only.
+                measured = run_fanout_alternating(
+                    running,
                     clients=s["clients"],
                     senders=s["senders"],
                     window=window,
@@ -566,10 +577,14 @@ def _measure_fanout(
                     warmup=s["warmup"],
                     progress=say,
                 )
-                say(f"{name}: {results[name].deliveries_per_s:,.0f} deliveries/s")
+                for result in measured:
+                    results[result.server] = result
+                    say(f"{result.server}: {result.deliveries_per_s:,.0f} deliveries/s")
         except OSError as error:  # ConnectionError and TimeoutError included
-            _record_error(report, name, "fan-out", error, server, say)
-        _note_exit(report, server)
+            for server in running:
+                _record_error(report, server.name, "fan-out", error, server, say)
+        for server in running:
+            _note_exit(report, server)
 
 
 def _measure_scale(report: BenchReport, name: str, cpu: int | None, say: Progress) -> None:

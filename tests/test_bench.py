@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from chatlib.bench import (
     run_bench,
     run_crowd,
     run_fanout,
+    run_fanout_alternating,
     run_scale,
     start_server,
 )
@@ -163,6 +165,21 @@ def test_quick_fanout_against_naive_counts_every_delivery(naive, window):
     assert result.loadgen_cpu > 0
 
 
+def test_alternating_fanout_counts_every_delivery_of_every_slice_on_each_server(naive):
+    with start_server("naive") as other:
+        # 1 s in slices of about 0.5 s: two slices each, taken in turn.
+        results = run_fanout_alternating(
+            [naive, other], clients=10, senders=2, duration=1.0, warmup=0
+        )
+    assert [result.server for result in results] == ["naive", "naive"]
+    for result in results:
+        assert result.lost == 0
+        assert result.deliveries == result.messages * 10 > 0
+        assert result.deliveries_per_s == result.deliveries / result.seconds
+        assert 0 < result.p50_ms <= result.p99_ms
+        assert result.server_cpu is not None
+
+
 def test_fanout_reads_every_client_at_once_or_in_batches_alike(naive):
     for read_interval in (0.0, 0.02):
         result = run_fanout(
@@ -269,6 +286,23 @@ def test_crowd_against_redis_connects_broadcasts_and_stops():
     _check_crowd_result(result, "redis", 50)
 
 
+def test_a_server_with_a_store_keeps_the_lines_it_relays_in_a_fresh_file_it_removes():
+    with start_server("selectors", store=True) as server:
+        assert server.name == "selectors+store"
+        assert server.store_path is not None
+        store = Path(server.store_path)
+        assert "--store" in server.process.args  # type: ignore[union-attr]
+        result = run_fanout(server, clients=10, senders=2, duration=0.2, warmup=0)
+        assert result.lost == 0
+        # Committed before the echo (WAL: another connection may read meanwhile).
+        with sqlite3.connect(store) as db:
+            (kept,) = db.execute("SELECT count(*) FROM messages").fetchone()
+        assert kept > 0
+    assert not store.parent.exists()  # the file, its -wal and -shm, and the directory
+    with pytest.raises(ValueError, match="only chatlib's engines"):
+        start_server("naive", store=True)
+
+
 def test_server_refuses_any_address_but_loopback():
     with pytest.raises(ValueError, match=r"127\.0\.0\.1"):
         Server("elsewhere", "chat", 5050, host="10.0.0.1")
@@ -320,6 +354,41 @@ def test_command_line_crowd_run_writes_flat_rows_to_json(tmp_path):
     assert line.endswith(", exit 0 with 40 clients; run with --crowd 5000)")
 
 
+def test_command_line_quick_run_sets_each_engine_with_a_store_beside_it(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--servers", "selectors", "--idle-clients", "0", "--crowd", "0"]
+    run = bench_command(*args, "--duration", "0.3", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    # The two take turns in one run, rather than one run after the other.
+    assert "selectors, selectors+store: typing, 20 clients, 4 senders..." in run.stderr
+    data = json.loads(out.read_text())
+    for mode in ("typing", "pipelined"):
+        assert list(data[mode]) == ["selectors", "selectors+store"]
+        stored = data[mode]["selectors+store"]
+        assert stored["lost"] == 0 and stored["deliveries"] == stored["messages"] * 20 > 0
+    ratio = (
+        data["typing"]["selectors+store"]["deliveries_per_s"]
+        / (data["typing"]["selectors"]["deliveries_per_s"])
+    )
+    lines = run.stdout.splitlines()
+    header = lines.index(
+        "Fan-out, typing: 20 clients, 4 senders, 1 line in flight per sender, 0.3 s"
+    )
+    assert lines[header + 1].split()[:6] == ["server", "deliveries/s", "%", "of", "Redis", "x"]
+    assert "vs no store" in lines[header + 1]
+    assert lines[header + 2].split()[4] == "-"  # selectors, against nothing
+    assert lines[header + 3].split()[:5] == [
+        "selectors+store",
+        f"{data['typing']['selectors+store']['deliveries_per_s']:,.0f}",
+        "-",
+        "-",
+        f"{ratio:.0%}",
+    ]
+    target = "selectors: typing deliveries/s with --store >= 80% of without"
+    assert f"  n/a   {target} ({ratio:.0%}, at 20 clients and 4 senders)" in lines
+    assert "note: +store: the engine with --store on a fresh SQLite file under" in run.stdout
+
+
 @pytest.mark.parametrize("crowd", ["", "0"])
 def test_command_line_crowd_empty_or_zero_skips_the_crowd(crowd):
     args = ["--servers", "naive", "--clients", "0", "--idle-clients", "0", "--crowd", crowd]
@@ -367,6 +436,42 @@ def test_targets_compare_each_engine_with_redis_and_naive():
     text = format_report(report)
     assert "FAIL  selectors: typing deliveries/s >= 80% of Redis (40%)" in text
     assert "n/a   asyncio" in text
+
+
+def test_store_target_holds_each_engine_with_a_store_against_itself_without():
+    report = _report(
+        selectors=1000.0,
+        asyncio=1000.0,
+        threads=1000.0,
+        **{"selectors+store": 850.0, "asyncio+store": 790.0},
+    )
+    report.errors["threads+store"] = "typing: ConnectionError: boom"
+    checks = {c.target: c for c in check_targets(report)}
+    target = "{}: typing deliveries/s with --store >= 80% of without"
+    assert (
+        checks[target.format("selectors")].passed,
+        checks[target.format("selectors")].detail,
+    ) == (
+        True,
+        "85%",
+    )
+    assert checks[target.format("asyncio")].passed is False  # 79%
+    assert checks[target.format("threads")].passed is False  # failed to run
+    text = format_report(report)
+    assert "FAIL  asyncio: typing deliveries/s with --store >= 80% of without (79%)" in text
+    (row,) = [line for line in text.splitlines() if line.split()[:1] == ["selectors+store"]]
+    assert row.split()[1:5] == ["850", "-", "-", "85%"]
+    (row,) = [line for line in text.splitlines() if line.split()[:1] == ["selectors"]]
+    assert row.split()[4] == "-"
+    # Not run: skipped on purpose, or with no engine to hold it against.
+    report = _report(selectors=1000.0)
+    report.settings["store"] = False
+    check = {c.target: c for c in check_targets(report)}[target.format("selectors")]
+    assert (check.passed, check.detail) == (None, "not run: --no-store")
+    assert "vs no store" not in format_report(report)  # no store rows, no column
+    report = _report(**{"asyncio+store": 790.0})
+    check = {c.target: c for c in check_targets(report)}[target.format("asyncio")]
+    assert (check.passed, check.detail) == (None, "asyncio not run")
 
 
 def test_pipelined_target_asks_for_60_percent_of_redis_with_16_in_flight():

@@ -3,7 +3,9 @@
 Run ``python -m chatlib.bench`` (``--help`` for the options), or drive it from
 Python::
 
-    from chatlib.bench import run_crowd, run_fanout, run_scale, start_server
+    from chatlib.bench import (
+        run_crowd, run_fanout, run_fanout_alternating, run_scale, start_server
+    )
 
     with start_server("asyncio") as server:
         typing = run_fanout(server, clients=100, senders=10)
@@ -13,6 +15,11 @@ Python::
     with start_server("asyncio") as server:  # a crowd wants a fresh server
         crowd = run_crowd(server, clients=1000)  # stops the server at the end
     print(crowd.connect_s, crowd.kib_per_client, crowd.broadcast_ms, crowd.stop)
+
+    # An engine with and without a history store, taking turns on the machine.
+    with start_server("asyncio") as plain, start_server("asyncio", store=True) as stored:
+        without, with_store = run_fanout_alternating([plain, stored])
+    print(with_store.deliveries_per_s / without.deliveries_per_s)
 
 Every server runs in its own process on 127.0.0.1 and the load generator in
 this one; docs/benchmarks.md explains what each number means.
@@ -27,6 +34,7 @@ from chatlib.bench.loadgen import (
     resp_command,
     run_crowd,
     run_fanout,
+    run_fanout_alternating,
     run_scale,
 )
 from chatlib.bench.report import (
@@ -44,6 +52,7 @@ from chatlib.bench.servers import (
     CHATLIB_ENGINES,
     HOST,
     SERVER_KINDS,
+    STORE_SUFFIX,
     Server,
     ServerError,
     StopResult,
@@ -57,6 +66,7 @@ __all__ = [
     "CROWD_SIZES",
     "HOST",
     "SERVER_KINDS",
+    "STORE_SUFFIX",
     "TARGETS",
     "THREADS_CROWD_UP_TO",
     "BenchReport",
@@ -78,6 +88,7 @@ __all__ = [
     "run_bench",
     "run_crowd",
     "run_fanout",
+    "run_fanout_alternating",
     "run_scale",
     "start_server",
 ]

@@ -81,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         f"(default: {_shown(CROWD_SIZES)})",
     )
     add(
+        "--store",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run each chatlib engine's fan-out also with the server's --store on a fresh "
+        "SQLite file (engine+store in the tables), the two taking turns; --no-store "
+        "skips it (default: on)",
+    )
+    add(
         "--scale-timeout",
         type=float,
         default=300.0,
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         broadcasts=args.broadcasts,
         scale_timeout=args.scale_timeout,
         crowd=args.crowd,
+        store=args.store,
         pin=args.pin,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )

@@ -22,7 +22,7 @@ import os
 import selectors
 import socket
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from time import perf_counter
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "resp_command",
     "run_crowd",
     "run_fanout",
+    "run_fanout_alternating",
     "run_scale",
 ]
 
@@ -60,6 +61,11 @@ _QUIET = 0.5
 # is taken: long enough for the server to act on what the greetings started.
 _CROWD_READ = 1.0
 _MAX_SENDERS = 9999  # the sender field is four digits wide
+# run_fanout_alternating's slices last about this long: shorter than the bursts
+# of other work seen on a shared machine (a test run, seconds long), so that
+# they hit every server alike, and long enough that a slice's ramp-down (the
+# last copies draining) is a small part of it.
+_SLICE_S = 0.5
 _REPORT_EVERY = 5.0  # seconds between progress lines in long waits
 
 Progress = Callable[[str], None]
@@ -220,17 +226,65 @@ def run_fanout(
         raise ValueError(f"senders must be between 1 and min(clients, {_MAX_SENDERS})")
     if window < 1:
         raise ValueError("window must be at least 1")
-    gen = _LoadGen(server, progress)
+    (result,) = run_fanout_alternating(
+        [server],
+        clients=clients,
+        senders=senders,
+        window=window,
+        duration=duration,
+        warmup=warmup,
+        read_interval=read_interval,
+        timeout=timeout,
+        progress=progress,
+    )
+    return result
+
+
+def run_fanout_alternating(
+    servers: Sequence[Server],
+    *,
+    clients: int = 100,
+    senders: int = 10,
+    window: int = 1,
+    duration: float = 3.0,
+    warmup: float = 0.5,
+    read_interval: float = 0.002,
+    timeout: float = 60.0,
+    progress: Progress | None = None,
+) -> list[FanoutResult]:
+    """Measure :func:`run_fanout` on several *servers* in turns; return one result each.
+
+    Every server gets its own *clients*, all connected and warmed up first;
+    then the measured *duration* is cut into slices of about half a second,
+    and the servers take them in turn (A, B, A, B...), each slice ending when
+    its last copy has arrived. A burst of other work on the machine then
+    slows every server alike, which two runs one after the other cannot
+    promise: their ratio is what this is for. A result sums its server's
+    slices; its latencies are those of all its slices together.
+    """
+    if not 1 <= senders <= min(clients, _MAX_SENDERS):
+        raise ValueError(f"senders must be between 1 and min(clients, {_MAX_SENDERS})")
+    if window < 1:
+        raise ValueError("window must be at least 1")
+    gens = []
     try:
         deadline = perf_counter() + timeout
-        gen.connect(clients, deadline)
-        gen.add_senders(senders, read_interval)
-        gen.sync(deadline)
-        if warmup > 0:
+        for server in servers:
+            gens.append(gen := _LoadGen(server, progress))
+            gen.connect(clients, deadline)
+            gen.add_senders(senders, read_interval)
+            gen.sync(deadline)
+        for gen in gens if warmup > 0 else ():
             gen.run_phase(b"w", warmup, window)
-        return gen.run_phase(b"m", duration, window)
+        slices = max(1, round(duration / _SLICE_S)) if len(gens) > 1 else 1
+        parts: list[list[tuple[FanoutResult, list[float]]]] = [[] for _ in gens]
+        for _slice in range(slices):
+            for gen, part in zip(gens, parts, strict=True):
+                part.append((gen.run_phase(b"m", duration / slices, window), gen.latencies))
+        return [_merged(part) for part in parts]
     finally:
-        gen.close()
+        for gen in gens:
+            gen.close()
 
 
 def run_scale(
@@ -434,6 +488,7 @@ class _LoadGen:
         self.reached = 0
         self.bytes_in = 0
         self.started = perf_counter()
+        self.latencies: list[float] = []  # the last phase's, sorted
 
     def close(self) -> None:
         for selector in (self.selector, self.batched):
@@ -569,6 +624,7 @@ class _LoadGen:
         assert all(conn.seen is not None for conn in self.conns)
         lost = sum(max(0, sent - conn.seen.count) for conn in self.conns)  # type: ignore[union-attr]
         latencies = sorted(itertools.chain.from_iterable(s.latencies for s in self.senders))
+        self.latencies = latencies
         seconds = last_delivery - start
         return FanoutResult(
             server=self.server.name,
@@ -685,6 +741,40 @@ def _send_all(sock: socket.socket, data: bytes) -> None:
         sent = 0
     if sent != len(data):
         raise ConnectionError("the server stopped reading: a client's send buffer is full")
+
+
+def _merged(parts: list[tuple[FanoutResult, list[float]]]) -> FanoutResult:
+    """Return one result for a server's slices (each with its sorted latencies)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    results = [result for result, _ in parts]
+    latencies = sorted(itertools.chain.from_iterable(lat for _, lat in parts))
+    seconds = sum(r.seconds for r in results)
+    deliveries = sum(r.deliveries for r in results)
+
+    def weighted(share: Callable[[FanoutResult], float | None]) -> float | None:
+        shares = [share(r) for r in results]
+        if any(value is None for value in shares):
+            return None
+        return sum(v * r.seconds for v, r in zip(shares, results, strict=True)) / seconds  # type: ignore[operator]
+
+    first = results[0]
+    return FanoutResult(
+        server=first.server,
+        mode=first.mode,
+        clients=first.clients,
+        senders=first.senders,
+        window=first.window,
+        seconds=seconds,
+        messages=sum(r.messages for r in results),
+        deliveries=deliveries,
+        lost=sum(r.lost for r in results),
+        deliveries_per_s=deliveries / seconds if seconds > 0 else 0.0,
+        p50_ms=_percentile(latencies, 0.50) * 1000,
+        p99_ms=_percentile(latencies, 0.99) * 1000,
+        loadgen_cpu=weighted(lambda r: r.loadgen_cpu) or 0.0,
+        server_cpu=weighted(lambda r: r.server_cpu),
+    )
 
 
 def _terminate_connected(gen: _LoadGen, clients: int, timeout: float) -> StopResult:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -17,12 +19,13 @@ from chatlib.bench.loadgen import (
     Progress,
     ScaleResult,
     run_crowd,
-    run_fanout,
+    run_fanout_alternating,
     run_scale,
 )
 from chatlib.bench.servers import (
     CHATLIB_ENGINES,
     SERVER_KINDS,
+    STORE_SUFFIX,
     Server,
     ServerError,
     StopResult,
@@ -51,6 +54,7 @@ TARGETS = {
     "share_of_redis": 0.8,  # typing deliveries/s, each engine vs Redis pub/sub
     "pipelined_share_of_redis": 0.6,  # pipelined deliveries/s, each engine vs Redis
     "times_naive": 2.0,  # typing deliveries/s, each engine vs the naive server
+    "store_share": 0.8,  # typing deliveries/s, each engine with --store vs without
     "idle_clients": 5000,  # the scale targets are checked with this many clients
     "asyncio_kib_per_client": 4.0,
     "asyncio_broadcast_ms": 100.0,
@@ -135,14 +139,19 @@ def run_bench(
     broadcasts: int = 5,
     scale_timeout: float = 300.0,
     crowd: Sequence[int] = CROWD_SIZES,
+    store: bool = True,
     pin: bool = True,
     progress: Progress | None = None,
 ) -> BenchReport:
     """Measure each of *servers* (default: all available) in turn; return the report.
 
     Each server gets a fresh process for the fan-out runs with *clients*
-    (typing, then pipelined with *window* lines in flight; 0 skips them) and
-    another for the scale run with *idle_clients* (0 skips it), bounded by
+    (typing, then pipelined with *window* lines in flight; 0 skips them); with
+    *store*, each chatlib engine gets a second process beside the first, with
+    ``--store`` on a fresh SQLite file (``engine+store`` in the report), and
+    the two take turns in slices of the same runs
+    (:func:`~chatlib.bench.loadgen.run_fanout_alternating`). Then a fresh
+    process for the scale run with *idle_clients* (0 skips it), bounded by
     *scale_timeout* seconds, which ends by timing the server's exit after
     SIGTERM with every client still connected. Then one more process for each
     size in *crowd* (:func:`run_crowd`, also bounded by *scale_timeout*; an
@@ -163,8 +172,15 @@ def run_bench(
         "broadcasts": broadcasts,
         "scale_timeout": scale_timeout,
         "crowd": sorted({size for size in crowd if size > 0}),
+        "store": store,
     }
     report = BenchReport(settings=settings, machine=machine_info())
+    if store and clients > 0 and set(names) & set(CHATLIB_ENGINES):
+        # Where the file lives matters: tmpfs would hide every write to disk.
+        report.notes.append(
+            f"{STORE_SUFFIX}: the engine with --store on a fresh SQLite file under "
+            f"{tempfile.gettempdir()} (WAL, synchronous=NORMAL)"
+        )
     if servers is None:
         for name in SERVER_KINDS:
             if name not in names:
@@ -191,7 +207,9 @@ def run_bench(
         load_before = _load_average()
         for name in names:
             if clients > 0:
-                _measure_fanout(report, name, server_cpu, say)
+                _measure_fanout(
+                    report, name, server_cpu, say, store=store and name in CHATLIB_ENGINES
+                )
             if idle_clients > 0 and name not in report.errors:
                 _measure_scale(report, name, server_cpu, say)
             for size in _crowd_sizes(name, settings["crowd"]):
@@ -245,6 +263,7 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
                 checks.append(
                     _check_ratio(targets[1], result, naive, "naive", times, "{:.1f}x", judged, off)
                 )
+    checks += [_check_store(report, engine, right_size, off_size) for engine in CHATLIB_ENGINES]
 
     wanted = TARGETS["idle_clients"]
     kib, ms = TARGETS["asyncio_kib_per_client"], TARGETS["asyncio_broadcast_ms"]
@@ -382,6 +401,22 @@ def _check_ratio(
     return TargetCheck(target, ratio >= wanted if judged else None, shown_as.format(ratio) + off)
 
 
+def _check_store(report: BenchReport, engine: str, judged: bool, off: str) -> TargetCheck:
+    """Check *engine*'s typing deliveries/s with ``--store`` against its own without."""
+    share = TARGETS["store_share"]
+    target = f"{engine}: typing deliveries/s with --store >= {share:.0%} of without"
+    name = engine + STORE_SUFFIX
+    result = report.typing.get(name)
+    if result is not None:
+        return _check_ratio(
+            target, result, report.typing.get(engine), engine, share, "{:.0%}", judged, off
+        )
+    if name in report.errors:
+        return TargetCheck(target, False, report.errors[name])
+    skipped = "not run" if report.settings.get("store", True) else "not run: --no-store"
+    return TargetCheck(target, None, skipped)
+
+
 def _check_stop(report: BenchReport, engine: str) -> TargetCheck:
     wanted, seconds = TARGETS["idle_clients"], TARGETS["stop_s"]
     target = f"{engine}: SIGTERM with {wanted} clients connected exits 0 within {seconds:g} s"
@@ -511,18 +546,30 @@ def _vs_redis(
     return ratio <= times, shown
 
 
-def _measure_fanout(report: BenchReport, name: str, cpu: int | None, say: Progress) -> None:
+def _measure_fanout(
+    report: BenchReport, name: str, cpu: int | None, say: Progress, *, store: bool = False
+) -> None:
+    """Run the fan-out on *name*; with *store*, on it and on *name*+store, in turns."""
     s = report.settings
-    server = _start(report, name, cpu, say)
-    if server is None:
+    servers = [_start(report, name, cpu, say)]
+    if store:
+        servers.append(_start(report, name, cpu, say, store=True))
+    running = [server for server in servers if server is not None]
+    if not running:
         return
-    with server:
+    names = ", ".join(server.name for server in running)
+    with contextlib.ExitStack() as stack:
+        for server in running:
+            stack.enter_context(server)
         try:
             for window, results in ((1, report.typing), (s["window"], report.pipelined)):
                 mode = "typing" if window == 1 else "pipelined"
-                say(f"{name}: {mode}, {s['clients']} clients, {s['senders']} senders...")
-                results[name] = run_fanout(
-                    server,
+                say(f"{names}: {mode}, {s['clients']} clients, {s['senders']} senders...")
+                # With a store, both servers take turns: their ratio is the
+                # point, and a burst of other work on the machine must not
+                # fall on one of them only.
+                measured = run_fanout_alternating(
+                    running,
                     clients=s["clients"],
                     senders=s["senders"],
                     window=window,
@@ -530,10 +577,14 @@ def _measure_fanout(report: BenchReport, name: str, cpu: int | None, say: Progre
                     warmup=s["warmup"],
                     progress=say,
                 )
-                say(f"{name}: {results[name].deliveries_per_s:,.0f} deliveries/s")
+                for result in measured:
+                    results[result.server] = result
+                    say(f"{result.server}: {result.deliveries_per_s:,.0f} deliveries/s")
         except OSError as error:  # ConnectionError and TimeoutError included
-            _record_error(report, name, "fan-out", error, server, say)
-        _note_exit(report, server)
+            for server in running:
+                _record_error(report, server.name, "fan-out", error, server, say)
+        for server in running:
+            _note_exit(report, server)
 
 
 def _measure_scale(report: BenchReport, name: str, cpu: int | None, say: Progress) -> None:
@@ -599,13 +650,16 @@ def _sizes_text(sizes: Sequence[int]) -> str:
     return " and ".join(filter(None, [", ".join(words[:-1]), *words[-1:]]))
 
 
-def _start(report: BenchReport, name: str, cpu: int | None, say: Progress) -> Server | None:
-    say(f"{name}: starting the server...")
+def _start(
+    report: BenchReport, name: str, cpu: int | None, say: Progress, *, store: bool = False
+) -> Server | None:
+    label = name + STORE_SUFFIX if store else name
+    say(f"{label}: starting the server...")
     try:
-        return start_server(name, cpu=cpu)
+        return start_server(name, store=store, cpu=cpu)
     except ServerError as error:
-        report.errors[name] = str(error)
-        say(f"{name}: {error}")
+        report.errors[label] = str(error)
+        say(f"{label}: {error}")
         return None
 
 
@@ -654,12 +708,15 @@ def _pinned(pin: bool) -> Iterator[tuple[int | None, int | None]]:
 def _fanout_table(results: dict[str, FanoutResult]) -> list[str]:
     redis = results.get("redis")
     naive = results.get("naive")
+    # The column shows only when there are rows with a store to hold against their engine's.
+    stored = any(name.endswith(STORE_SUFFIX) for name in results)
     rows = [
         (
             "server",
             "deliveries/s",
             "% of Redis",
             "x naive",
+            *(["vs no store"] if stored else []),
             "p50 ms",
             "p99 ms",
             "lost",
@@ -668,12 +725,17 @@ def _fanout_table(results: dict[str, FanoutResult]) -> list[str]:
         )
     ]
     for name, r in results.items():
+        plain = results.get(name.removesuffix(STORE_SUFFIX))
+        vs_plain = "-"
+        if name.endswith(STORE_SUFFIX) and plain is not None:
+            vs_plain = f"{r.deliveries_per_s / plain.deliveries_per_s:.0%}"
         rows.append(
             (
                 name,
                 f"{r.deliveries_per_s:,.0f}",
                 f"{r.deliveries_per_s / redis.deliveries_per_s:.0%}" if redis else "-",
                 f"{r.deliveries_per_s / naive.deliveries_per_s:.1f}x" if naive else "-",
+                *([vs_plain] if stored else []),
                 f"{r.p50_ms:.2f}",
                 f"{r.p99_ms:.2f}",
                 str(r.lost),

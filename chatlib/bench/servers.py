@@ -25,6 +25,7 @@ __all__ = [
     "CHATLIB_ENGINES",
     "HOST",
     "SERVER_KINDS",
+    "STORE_SUFFIX",
     "Server",
     "ServerError",
     "StopResult",
@@ -41,6 +42,10 @@ CHATLIB_ENGINES = ("threads", "selectors", "asyncio")
 
 #: Every server :func:`start_server` knows, in the order reports list them.
 SERVER_KINDS = (*CHATLIB_ENGINES, "naive", "naive-nagle", "redis")
+
+#: What ``start_server(engine, store=True)`` appends to the server's name:
+#: ``"asyncio+store"`` is the asyncio engine keeping its history in SQLite.
+STORE_SUFFIX = "+store"
 
 # Chat for the biggest crowd (10,000) and its senders, in every server. Redis's
 # default maxclients is 10,000, one short of a crowd of 10,000 and its publisher;
@@ -85,6 +90,9 @@ class Server:
     port: int
     process: subprocess.Popen[bytes] | None = None
     host: str = HOST
+    #: The SQLite file a chatlib engine keeps its history in (``--store``), if
+    #: :func:`start_server` was asked for one; :meth:`stop` removes it.
+    store_path: str | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +173,9 @@ class Server:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self.store_path is not None:
+            # The process is gone, so nothing holds the file (or its -wal and -shm) open.
+            shutil.rmtree(os.path.dirname(self.store_path), ignore_errors=True)
         return self.process.returncode
 
     def _signal_and_wait(self, timeout: float) -> StopResult:
@@ -214,25 +225,45 @@ def available_servers() -> list[str]:
     return names
 
 
-def start_server(name: str, *, cpu: int | None = None, timeout: float = 10.0) -> Server:
+def start_server(
+    name: str, *, store: bool = False, cpu: int | None = None, timeout: float = 10.0
+) -> Server:
     """Start server *name* (one of :data:`SERVER_KINDS`) and return once it accepts clients.
 
-    *cpu* pins the server's process to that CPU (Linux), so that it and the
-    load generator each have a core. Raises :class:`ServerError` if the server
-    is missing or does not come up within *timeout* seconds.
+    With *store*, a chatlib engine keeps its history in a fresh SQLite file
+    (``--store``, in a new temporary directory that :meth:`Server.stop`
+    removes), and its name ends in :data:`STORE_SUFFIX`. *cpu* pins the
+    server's process to that CPU (Linux), so that it and the load generator
+    each have a core. Raises :class:`ServerError` if the server is missing or
+    does not come up within *timeout* seconds.
     """
     if name not in SERVER_KINDS:
         raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVER_KINDS)}")
+    if store and name not in CHATLIB_ENGINES:
+        raise ValueError(f"only chatlib's engines keep a history store, not {name}")
     raise_open_files_limit()
     if name == "redis":
         return _start_redis(cpu, timeout)
+    store_path = None
     if name in CHATLIB_ENGINES:
         command = [sys.executable, "-m", "chatlib.server", "--engine", name, *_CHATLIB_ARGS]
+        if store:
+            # A fresh file each time: a store left by an earlier run would make
+            # every join replay its history, and its size would vary by run.
+            store_path = os.path.join(tempfile.mkdtemp(prefix="chatlib-bench-"), "history.db")
+            command += ["--store", store_path]
+            name += STORE_SUFFIX
     else:
         command = [sys.executable, "-m", "chatlib.bench.naive", "--port", "0"]
         if name == "naive-nagle":
             command.append("--no-nodelay")
-    server = _spawn(name, "chat", command, cpu)
+    try:
+        server = _spawn(name, "chat", command, cpu)
+    except ServerError:
+        if store_path is not None:
+            shutil.rmtree(os.path.dirname(store_path), ignore_errors=True)
+        raise
+    server.store_path = store_path  # from now on, stop() removes it
     deadline = time.monotonic() + timeout
     while True:
         match = _LISTENING.search(server._read_log(1 << 16, head=True))

@@ -208,6 +208,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
     parser.add_argument(
         "--store",
         metavar="PATH",
+        default=argparse.SUPPRESS,  # no "(default: None)" in --help
         help="keep the rooms' history in this SQLite file, across restarts and crashes"
         " (made if missing); without it, history is kept in memory",
     )
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace, limits: Limits) -> int:
     try:
-        store = SQLiteHistory(args.store) if args.store else None
+        store = SQLiteHistory(args.store) if "store" in args else None
     except StoreError as error:
         print(f"{error}; no client was let in.", file=sys.stderr)
         return 1

@@ -22,7 +22,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@echo "Installing chatlib and its test and notebook dependencies into $(VENV) (a few minutes the first time)..."
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off -e '.[test]'
 	touch $@
 
 test: $(STAMP)
@@ -36,8 +37,11 @@ test: $(STAMP)
 		echo "no notebooks/*.ipynb yet: skipping nbval"; \
 	fi
 
+# From the repository root, so that the notebooks' links to ../chatlib/ and
+# ../docs/ open; with the course map open, and no news pop-up over the outputs.
 lab: $(STAMP)
-	$(VENV_PATH) $(BIN)/jupyter lab $(LAB_ROOT_FLAG) $(ARGS) notebooks/
+	$(VENV_PATH) $(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. \
+		--LabApp.app_settings_dir=lab-settings $(ARGS) notebooks/00-course-map.ipynb
 
 server: $(STAMP)
 	$(BIN)/python -m chatlib.server $(ARGS)

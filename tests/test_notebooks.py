@@ -24,7 +24,7 @@ TITLE = re.compile(r"# (?P<number>\d{2}) · (?P<title>\S.*)")
 LINK = re.compile(r"\[(?P<text>[^\]]+)\]\((?P<target>[^)\s]+)\)")
 SOLUTION = "# Solution — replace with your own and re-run the check"
 FINISHED = "The finished version of this lesson lives in `chatlib/"
-RAISES_MARKER = re.compile(r"^\s*#\s*NBVAL_RAISES_EXCEPTION\s*$", re.MULTILINE)
+TOOL_MARKER = re.compile(r"^\s*#\s*NBVAL_", re.MULTILINE)
 
 
 def _load(path: Path) -> dict:
@@ -58,7 +58,7 @@ def _heading_index(nb: dict, heading: str) -> int:
 
 def _is_expected_error(cell: dict) -> bool:
     tags = cell.get("metadata", {}).get("tags", [])
-    return bool(RAISES_MARKER.search(_source(cell))) or "raises-exception" in tags
+    return "raises-exception" in tags
 
 
 def _section(text: str, heading: str) -> str:
@@ -195,6 +195,15 @@ def test_no_run_magic_or_star_imports(path):
             source = _source(cell)
             assert not re.search(r"^\s*%run\b", source, re.MULTILINE), f"{path.name} uses %run"
             assert not re.search(r"\bimport\s+\*", source), f"{path.name} uses import *"
+
+
+@by_name
+def test_markers_for_the_tools_are_tags_not_comments_for_the_learner(path):
+    # A learner reads every comment; nbval reads tags (nbval-ignore-output,
+    # raises-exception) as well as it reads "# NBVAL_..." lines.
+    for cell in _load(path)["cells"]:
+        if cell["cell_type"] == "code":
+            assert not TOOL_MARKER.search(_source(cell)), f"{path.name}: {_source(cell)[:60]!r}"
 
 
 @by_name

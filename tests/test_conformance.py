@@ -656,12 +656,12 @@ def test_stop_twice_is_harmless(engine, health):
     server.stop()
 
 
-def test_connections_are_logged(start_server, caplog):
+def test_connections_are_logged(start_server, engine, caplog):
     caplog.set_level(logging.INFO, logger="chatlib.server")
     server = start_server()
     host, port = server.address
     wait_until(lambda: any("[LISTENING]" in r.getMessage() for r in caplog.records))
-    assert f"[LISTENING] Server is listening on {host}:{port}" in caplog.messages
+    assert f"[LISTENING] Server ({engine} engine) is listening on {host}:{port}" in caplog.messages
     client = LineClient(server.address)
     client.welcome()
     peer = client.sock.getsockname()[:2]

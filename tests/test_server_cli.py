@@ -27,7 +27,9 @@ from chatlib.server import (
 from tests.helpers import TIMEOUT, LineClient, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"\[LISTENING\] Server is listening on 127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(
+    r"\[LISTENING\] Server \((?P<engine>\w+) engine\) is listening on 127\.0\.0\.1:(?P<port>\d+)"
+)
 BYE_ALL = "*** The server is shutting down. Bye!"
 
 
@@ -72,8 +74,11 @@ class ServerProcess:
                 return match
 
     def listening_port(self) -> int:
+        return int(self.listening()["port"])
+
+    def listening(self) -> re.Match:
         # Python starts slowly on a busy machine: wait longer than for a line.
-        return int(self.expect(LISTENING, timeout=3 * TIMEOUT)[1])
+        return self.expect(LISTENING, timeout=3 * TIMEOUT)
 
     def stderr(self) -> str:
         return self.proc.stderr.read()
@@ -105,7 +110,9 @@ def run_server():
 @pytest.mark.parametrize("engine", ENGINES)
 def test_logs_listening_connections_and_disconnections(run_server, engine):
     server = run_server("--engine", engine, "--port", "0")
-    port = server.listening_port()
+    listening = server.listening()
+    assert listening["engine"] == engine  # the log says which engine runs
+    port = int(listening["port"])
     assert port != 0
     client = LineClient(("127.0.0.1", port))
     try:
@@ -383,7 +390,7 @@ def test_a_server_that_does_not_ignore_sigpipe_survives_resets():
         text=True,
     )
     try:
-        port = int(LISTENING.fullmatch(proc.stdout.readline().rstrip("\n"))[1])
+        port = int(LISTENING.fullmatch(proc.stdout.readline().rstrip("\n"))["port"])
         talker = LineClient(("127.0.0.1", port))
         talker.welcome()
         for _ in range(30):

@@ -6,7 +6,8 @@ one thread per client, and a broadcast that calls ``sendall`` once per client
 per line, under one lock. Add ``--no-nodelay`` to leave Nagle's algorithm on
 and watch echo latency get about ten times worse.
 
-It prints the same ``[LISTENING]`` line as ``python -m chatlib.server`` and
+It prints the same ``[LISTENING]`` line as ``python -m chatlib.server``, but
+for the engine, and
 stops on Ctrl-C or SIGTERM, so the benchmark drives both the same way.
 """
 

@@ -54,7 +54,10 @@ _MAX_CLIENTS = "20000"
 # Flood control off, room for the crowd, and a send queue deep enough that
 # nobody is dropped for being slow while the load generator catches up.
 _CHATLIB_ARGS = ("--port", "0", "--rate", "0", "--max-clients", _MAX_CLIENTS, "--sendq", "4194304")
-_LISTENING = re.compile(rb"\[LISTENING\] Server is listening on ([0-9.]+):([0-9]+)")
+# chatlib's servers name their engine; the naive server has none to name.
+_LISTENING = re.compile(
+    rb"\[LISTENING\] Server (?:\(\w+ engine\) )?is listening on ([0-9.]+):([0-9]+)"
+)
 # The directory holding the chatlib package, for children started from elsewhere
 # (a notebook's working directory is notebooks/).
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])

@@ -194,7 +194,8 @@ class ServerBase:
 
     def _log_listening(self) -> None:
         host, port = self.address
-        log.info("[LISTENING] Server is listening on %s:%s", host, port)
+        engine = type(self).__module__.rpartition(".")[2]  # chatlib.engines.threads: threads
+        log.info("[LISTENING] Server (%s engine) is listening on %s:%s", engine, host, port)
 
     def _log_connected(self, peer: tuple[str, int]) -> None:
         log.info("[NEW CONNECTION] %s connected.", peer)

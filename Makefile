@@ -52,7 +52,9 @@ client: $(STAMP)
 notebooks: $(STAMP)
 	$(VENV_PATH) $(QUIET_JUPYTER) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		notebooks/[0-9]*.ipynb
-	$(BIN)/nbstripout --keep-output --keep-count notebooks/[0-9]*.ipynb
+	@# Widget state is kept: a fresh open (and the course site) shows the chat panels.
+	$(BIN)/nbstripout --keep-output --keep-count --keep-metadata-keys metadata.widgets \
+		notebooks/[0-9]*.ipynb
 
 bench: $(STAMP)
 	$(BIN)/python -m chatlib.bench $(ARGS)

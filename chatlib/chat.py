@@ -2,10 +2,10 @@
 
 A :class:`Chat` holds one :class:`Connection` per client, and the
 :class:`Room` each is in. An engine (threads,
-selectors or asyncio) owns the sockets and carries out what the room decides,
+selectors or asyncio) owns the sockets and carries out what the chat decides,
 mechanically:
 
-1. tell the room what happened: :meth:`Chat.connect` for a new client,
+1. tell the chat what happened: :meth:`Chat.connect` for a new client,
    :meth:`Chat.receive_data` for bytes read, :meth:`Chat.receive_eof` when
    the client ended its side, :meth:`Chat.deadline_reached` when a
    connection's :attr:`~Connection.deadline` is due, and
@@ -17,10 +17,10 @@ mechanically:
    what the kernel did not take; once a ``CLOSING`` connection has nothing
    left to write, end our side of the stream and call :meth:`Chat.eof_sent`;
    close a ``CLOSED`` one (abortively if :attr:`~Connection.cut_off`) and
-   forget it: the room has forgotten it already;
+   forget it: the chat has forgotten it already;
 3. read from a connection only while :attr:`Connection.reading` is true.
 
-The room never blocks and never reads a clock: callers pass ``now``. It is
+The chat never blocks and never reads a clock: callers pass ``now``. It is
 not thread-safe; a threaded engine calls it under one lock.
 """
 
@@ -61,7 +61,7 @@ __all__ = [
     "State",
 ]
 
-#: How long a leaving client has, from the moment it leaves the room, to read
+#: How long a leaving client has, from the moment it leaves the chat, to read
 #: its last lines (its goodbye) and end its side before it is cut off. It
 #: also bounds how long stopping a server takes.
 LINGER = 1.0
@@ -167,10 +167,10 @@ class Limits:
 class State(enum.Enum):
     """Where a connection is in its life; :data:`LIFECYCLE` says how it moves."""
 
-    #: In the room. Read its lines (while :attr:`Connection.reading`), write
+    #: In the chat. Read its lines (while :attr:`Connection.reading`), write
     #: what is queued.
     OPEN = "open"
-    #: Out of the room, saying goodbye. Write what is queued, then end our
+    #: Out of the chat, saying goodbye. Write what is queued, then end our
     #: side of the stream (``SHUT_WR``) and call :meth:`Chat.eof_sent`.
     #: Read and drop what the client still sends.
     CLOSING = "closing"
@@ -203,7 +203,7 @@ LIFECYCLE: dict[State, dict[str, State]] = {
 
 
 class Connection:
-    """One client's side of the room: its name, its input, its output queue.
+    """One client's side of the chat: its name, its input, its output queue.
 
     Engines read :attr:`state`, :attr:`deadline`, :attr:`reading` and
     :attr:`cut_off`, and call :meth:`data_to_send`; everything else is the
@@ -244,7 +244,7 @@ class Connection:
         #: See :class:`State`.
         self.state = State.OPEN
         #: When to call :meth:`Chat.deadline_reached`, or ``None``. While the
-        #: connection is ``OPEN``, the room checks then whether the client
+        #: connection is ``OPEN``, the chat checks then whether the client
         #: may go on after a flood, or has been idle too long; once it leaves,
         #: it is when the client is cut off if it has not ended its side.
         self.deadline: float | None = None
@@ -284,7 +284,7 @@ class Connection:
 
         All lines queued since the last call come out as one ``bytes``, so
         an engine writes a client's whole backlog with one system call.
-        Then tell the room with :meth:`Chat.data_unsent` how much of it the
+        Then tell the chat with :meth:`Chat.data_unsent` how much of it the
         kernel did not take, and take more only once that is written.
         """
         data = b"".join(self._outgoing)
@@ -355,7 +355,7 @@ class Chat:
         """Let a new client in, to the lobby, and return its connection.
 
         *peer* is the client's ``(host, port)``; the per-address limits count
-        its host. When the room is full, when the address has as many
+        its host. When the server is full, when the address has as many
         members as ``max_per_address`` allows, or when it reconnects faster
         than its flood budget allows, the connection comes back ``CLOSING``
         with a line saying why: the engine sends it and closes, as for any
@@ -417,7 +417,7 @@ class Chat:
 
         Call it after each write with what is left (0 once everything is
         written). The send queue limit counts these bytes and those still
-        queued in the room: it is about what a client leaves unread, so a
+        queued in the chat: it is about what a client leaves unread, so a
         client whose writes the kernel takes in full is never dropped,
         however much one turn sent it.
         """
@@ -627,7 +627,7 @@ class Chat:
         if count:
             self._per_address[conn.address] = count
         if self.limits.rate > 0:
-            # A reset has no time of its own: the room's clock is the last
+            # A reset has no time of its own: the chat's clock is the last
             # time it was given, which errs on the side of less refill.
             now = self._clock
             tokens = self._refilled(conn._tokens, conn._tokens_at, now)

@@ -293,7 +293,7 @@ def parse_command(line: str) -> Command:
     too. A line that does not start with ``/`` is a chat message
     (``"say"``), and so is one starting with ``//``, which lets users say
     something that starts with a slash. A line that is ``exit`` means
-    ``/quit``. Unknown commands come back as they are; the room answers them
+    ``/quit``. Unknown commands come back as they are; the chat answers them
     with an error line. Clients use this function too, so that they and the
     server agree on which lines leave.
     """
@@ -491,7 +491,7 @@ def parse_server_line(line: str) -> ServerLine:
     return ServerLine("other", line)
 
 
-# --- Notices about the room --------------------------------------------------
+# --- Notices about the rooms -------------------------------------------------
 
 _NAME = r"(?P<name>[^\s<>*]+)"
 _ROOM = r"(?P<room>#[^\s<>*,]+)"

@@ -1,4 +1,4 @@
-"""The room with no sockets: drive Chat directly and read what each client would be sent."""
+"""The chat with no sockets: drive Chat directly and read what each client would be sent."""
 
 from __future__ import annotations
 

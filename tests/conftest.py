@@ -14,7 +14,7 @@ import pytest
 
 from chatlib.chat import Limits
 from chatlib.server import ENGINES, create_server
-from tests.helpers import LineClient, count_fds, wait_until
+from tests.helpers import ChatDriver, LineClient, count_fds, wait_until
 
 #: Limits for tests that are not about flood control or history: the default rate (2 lines
 #: a second) would make every test that sends a few lines wait, and with recent messages
@@ -120,3 +120,24 @@ def connect(health):
     yield connect_
     for client in clients:
         client.close()
+
+
+# --- The chat without sockets ------------------------------------------------------
+
+
+@pytest.fixture
+def driver() -> ChatDriver:
+    """A chat driven in memory (see :class:`ChatDriver`), with flood control off."""
+    return ChatDriver(rate=0)
+
+
+@pytest.fixture
+def trio(driver):
+    """alice, bob and carol, connected to *driver*'s chat (in #lobby), their inboxes emptied."""
+    conns = []
+    for name in ("alice", "bob", "carol"):
+        conn = driver.connect()
+        driver.say(conn, f"/nick {name}")
+        conns.append(conn)
+    driver.take_all()
+    return conns

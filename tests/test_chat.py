@@ -28,23 +28,6 @@ def notices(lines):
     return found
 
 
-@pytest.fixture
-def driver():
-    return ChatDriver(**NO_FLOOD)
-
-
-@pytest.fixture
-def trio(driver):
-    """Three clients, alice, bob and carol, with their inboxes emptied."""
-    conns = []
-    for name in ("alice", "bob", "carol"):
-        conn = driver.connect()
-        driver.say(conn, f"/nick {name}")
-        conns.append(conn)
-    driver.take_all()
-    return conns
-
-
 def test_limits_defaults_match_the_docs():
     assert Limits() == Limits(max_clients=100, max_line=512, sendq=1024 * 1024, rate=2, burst=10)
 

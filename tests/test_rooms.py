@@ -30,23 +30,6 @@ def notice_of(line):
     return parse_notice(parsed.text) if parsed.kind == "notice" else None
 
 
-@pytest.fixture
-def driver():
-    return ChatDriver(**NO_FLOOD)
-
-
-@pytest.fixture
-def trio(driver):
-    """alice, bob and carol in #lobby, their inboxes emptied."""
-    conns = []
-    for name in ("alice", "bob", "carol"):
-        conn = driver.connect()
-        driver.say(conn, f"/nick {name}")
-        conns.append(conn)
-    driver.take_all()
-    return conns
-
-
 # --- Where you start, where chat goes ------------------------------------------
 
 

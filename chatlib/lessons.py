@@ -18,6 +18,8 @@ Framing and sanitising come from :mod:`chatlib.protocol`, as everywhere else.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import itertools
 import socket
 import tempfile
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from chatlib.chat import Chat, Limits
 from chatlib.protocol import CLIENT_MAX_LINE, READ_SIZE, LineFramer, encode_line
@@ -33,6 +36,7 @@ from chatlib.sqlite_history import SQLiteHistory
 
 __all__ = [
     "BackgroundReader",
+    "CheckFailed",
     "LineClient",
     "NaiveChatServer",
     "check_audience",
@@ -45,12 +49,15 @@ __all__ = [
     "check_ring",
     "check_safe_clients",
     "check_threads_for",
+    "exercise_check",
+    "expect",
     "send_in_background",
     "threads_named",
     "wait_until",
 ]
 
 Matcher = str | Callable[[str], bool]
+T = TypeVar("T")
 
 
 def _matches(matcher: Matcher, line: str) -> bool:
@@ -422,14 +429,85 @@ class NaiveChatServer:
 
 
 # --- Exercise checks -----------------------------------------------------------
+#
+# Each exercise defines a function or class between nbgrader's
+# "### BEGIN SOLUTION" / "### END SOLUTION" markers; the learner's copy
+# (make student) has "raise NotImplementedError()" there instead. A check
+# runs the answer against the real thing and either returns one line saying
+# what passed or raises CheckFailed, whose message says what was expected and
+# what came, in words: a learner should never have to read a bare
+# AssertionError or a traceback into this module.
+
+
+class CheckFailed(AssertionError):
+    """An exercise's answer is not right yet; the message says how, in plain English."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this in place of a traceback into the checker.
+        return [f"Not yet: {self}"]
+
+
+def expect(ok: object, message: str) -> None:
+    """Raise :class:`CheckFailed` with *message* unless *ok* is true.
+
+    Unlike ``assert``, this still checks under ``python -O``.
+    """
+    if not ok:
+        raise CheckFailed(message)
+
+
+def exercise_check(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Make a check report the learner's own failures as :class:`CheckFailed`.
+
+    *name* is what the learner wrote (``read_lines``, ``Ring``). A stub
+    that still raises ``NotImplementedError`` is told to write it first; any
+    other exception from their code is named, with its message. Works on
+    plain and on ``async`` checks.
+    """
+
+    def explain(error: Exception) -> CheckFailed:
+        if isinstance(error, NotImplementedError):
+            return CheckFailed(
+                f"{name} is not written yet: replace `raise NotImplementedError()` in the "
+                "exercise cell with your code, run that cell, then this one again."
+            )
+        return CheckFailed(f"{name} raised {type(error).__name__}: {error}")
+
+    def decorate(check: Callable[..., T]) -> Callable[..., T]:
+        if inspect.iscoroutinefunction(check):
+
+            @functools.wraps(check)
+            async def run_async(*args: object) -> T:
+                try:
+                    return await check(*args)
+                except CheckFailed:
+                    raise
+                except Exception as error:
+                    raise explain(error) from error
+
+            return run_async
+
+        @functools.wraps(check)
+        def run(*args: object) -> T:
+            try:
+                return check(*args)
+            except CheckFailed:
+                raise
+            except Exception as error:
+                raise explain(error) from error
+
+        return run
+
+    return decorate
 
 
 def _passed(name: str, count: int) -> str:
     return f"{name}: all {count} checks passed"
 
 
+@exercise_check("read_lines")
 def check_read_lines(read_lines: Callable[[list[bytes], int], list[str]]) -> str:
-    """Check lesson 01's ``read_lines(chunks, max_line)``; raise AssertionError if wrong."""
+    """Check lesson 01's ``read_lines(chunks, max_line)``; raise CheckFailed if wrong."""
     cases = [
         ([b"he", b"llo\n"], 100, ["hello"]),
         ([b"one\ntwo\nthr", b"ee\n"], 100, ["one", "two", "three"]),
@@ -440,7 +518,10 @@ def check_read_lines(read_lines: Callable[[list[bytes], int], list[str]]) -> str
     ]
     for chunks, max_line, expected in cases:
         got = read_lines(chunks, max_line)
-        assert got == expected, f"read_lines({chunks!r}, {max_line}) gave {got!r}, not {expected!r}"
+        expect(
+            got == expected,
+            f"read_lines({chunks!r}, {max_line}) should give {expected!r}; it gave {got!r}",
+        )
     return _passed("read_lines", len(cases))
 
 
@@ -609,7 +690,7 @@ def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:
 
 
 def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:
-    """Check lesson 08's ``audience(rooms, sender, line)`` against a real Chat.
+    """Check lesson 09's ``audience(rooms, sender, line)`` against a real Chat.
 
     Each case starts a fresh chat: alice and bob in #maths, carol in #art,
     dave and erin in #lobby. The sender types one line, and whoever is sent
@@ -654,7 +735,7 @@ def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable
 
 
 def check_ring(make_ring: Callable[[int], object]) -> str:
-    """Check lesson 08's ``Ring(kept)``: ``add(line)`` and ``recent(count)``, oldest first."""
+    """Check lesson 09's ``Ring(kept)``: ``add(line)`` and ``recent(count)``, oldest first."""
     ring = make_ring(3)
     assert ring.recent(5) == [], "an empty ring has no recent lines"
     for line in "abcde":
@@ -672,7 +753,7 @@ def check_ring(make_ring: Callable[[int], object]) -> str:
 
 
 def check_recent_from_file(recent_from_file: Callable[[str, str, int], list[str]]) -> str:
-    """Check lesson 08's ``recent_from_file(path, room, count)`` on a store made for it.
+    """Check lesson 09's ``recent_from_file(path, room, count)`` on a store made for it.
 
     The store is a real :class:`~chatlib.sqlite_history.SQLiteHistory`,
     written, committed and closed, in a temporary directory; the function

@@ -1,4 +1,4 @@
-"""Notebook 06 in JupyterLab in a real browser: type in one panel, read the other.
+"""Notebook 07 in JupyterLab in a real browser: type in one panel, read the other.
 
 Starts a headless JupyterLab on a free port over a temporary copy of the
 notebook, drives Debian's Chromium with Playwright, runs every cell above
@@ -31,7 +31,7 @@ import pytest
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK = ROOT / "notebooks" / "06-chat-panel.ipynb"
+NOTEBOOK = ROOT / "notebooks" / "07-chat-panel.ipynb"
 XSS = "<img src=x onerror=alert(1)>"
 
 # Seconds. The first JupyterLab start on a busy two-core machine is the slow part.
@@ -102,7 +102,7 @@ def _get(url: str) -> int | None:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Iterator[str]:
-    """Run JupyterLab over a copy of notebook 06; yield its base URL."""
+    """Run JupyterLab over a copy of notebook 07; yield its base URL."""
     _chromium()  # no browser: skip (or fail) before starting anything
     _sync_playwright()
     home = tmp_path_factory.mktemp("lab")
@@ -204,7 +204,7 @@ _RUN_ABOVE_CLEAN_UP = """async () => {
     const index = notebook.widgets.findIndex(
         (cell) => cell.model.sharedModel.getSource().startsWith("## Clean up"));
     if (index < 0) {
-        throw new Error('notebook 06 has no "## Clean up" cell');
+        throw new Error('notebook 07 has no "## Clean up" cell');
     }
     notebook.activeCellIndex = index;
     await app.commands.execute("notebook:run-all-above");

@@ -2,8 +2,8 @@
 
 nbval (``make test``) re-runs every notebook and compares its outputs; these
 tests check what nbval does not: that the notebooks form one course with one
-naming scheme and one layout, that their links lead somewhere, and that the
-README and the course map in notebook 00 list every notebook.
+naming scheme and one layout, and that their links lead somewhere (tests/test_course_map.py
+checks the course map in notebook 00 and the README).
 """
 
 from __future__ import annotations
@@ -59,13 +59,6 @@ def _heading_index(nb: dict, heading: str) -> int:
 def _is_expected_error(cell: dict) -> bool:
     tags = cell.get("metadata", {}).get("tags", [])
     return "raises-exception" in tags
-
-
-def _section(text: str, heading: str) -> str:
-    """Return the body of the markdown section *heading* (up to the next ``## ``)."""
-    _, found, rest = text.partition(heading + "\n")
-    assert found, f"no {heading!r} section"
-    return re.split(r"^## ", rest, maxsplit=1, flags=re.MULTILINE)[0]
 
 
 by_name = pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -216,28 +209,6 @@ def test_no_print_from_threads_marker_of_trouble(path):
             text = out.get("text", "")
             text = text if isinstance(text, str) else "".join(text)
             assert "Exception in thread" not in text, f"{path.name}: a thread printed a traceback"
-
-
-def test_course_map_in_notebook_00_lists_every_notebook():
-    course_map = NOTEBOOKS_DIR / "00-course-map.ipynb"
-    text = "\n".join(_markdown(_load(course_map)))
-    rows = [line for line in text.splitlines() if line.startswith("| [")]
-    listed = [LINK.search(row)["target"] for row in rows]
-    assert listed == [path.name for path in NOTEBOOKS], "00's table should list every notebook"
-    for row in rows:
-        text, target = LINK.search(row).groups()
-        assert text == _title(NOTEBOOKS_DIR / target), f"00's table calls {target} {text!r}"
-        for module in re.findall(r"`(chatlib/[^`]*)`", row):
-            assert (ROOT / module).exists(), f"00's table points to missing {module}"
-
-
-def test_readme_course_map_lists_every_notebook():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = _section(readme, "## Course map")
-    missing = [path.name for path in NOTEBOOKS if f"notebooks/{path.name}" not in section]
-    assert not missing, f"README's course map does not link {missing}"
-    for target in re.findall(r"\((notebooks/[^)\s]+\.ipynb)\)", section):
-        assert (ROOT / target).exists(), f"README's course map links missing {target}"
 
 
 # The exercises' self-checks: nbval shows that each accepts the notebook's

@@ -21,6 +21,8 @@ import contextlib
 import functools
 import inspect
 import itertools
+import select
+import selectors
 import socket
 import tempfile
 import threading
@@ -41,6 +43,7 @@ __all__ = [
     "NaiveChatServer",
     "check_audience",
     "check_bounded_queue",
+    "check_echo_task",
     "check_lines_before_drop",
     "check_read_lines",
     "check_read_to_end",
@@ -48,6 +51,7 @@ __all__ = [
     "check_recv_exactly",
     "check_ring",
     "check_safe_clients",
+    "check_send_some",
     "check_threads_for",
     "exercise_check",
     "expect",
@@ -687,6 +691,166 @@ def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:
             b.close()
         assert got == expected, f"after {chunks!r} and EOF: {got!r}, not {expected!r}"
     return _passed("read_to_end", len(cases))
+
+
+# --- Lesson 05: an event loop, and what waits in it ---------------------------
+
+#: Small kernel buffers for lesson 05's checks: with them a send() of a few
+#: kilobytes already fills the socket, so partial sends happen at once
+#: instead of after megabytes (Linux doubles the value it is given).
+_SMALL_BUFFER = 4096
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Return (server side, client side) of a fresh connection on 127.0.0.1.
+
+    The server side is non-blocking, as in an event loop; both have small
+    buffers, so that the kernel soon refuses part of a send.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SMALL_BUFFER)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SMALL_BUFFER)
+    server.setblocking(False)
+    return server, client
+
+
+def _pattern(size: int) -> bytes:
+    """Return *size* bytes that never repeat within 251, so that a lost piece shows."""
+    return bytes(i % 251 for i in range(size))
+
+
+@exercise_check("send_some")
+def check_send_some(send_some: Callable[[socket.socket, bytes], bytes]) -> str:
+    """Check lesson 05's ``send_some(sock, data)`` on a real non-blocking socket.
+
+    The client does not read at first, so the kernel takes only part of a
+    large send and then none at all; once it reads, everything must arrive,
+    in order, nothing twice.
+    """
+    data = _pattern(1024 * 1024)
+    server, client = _tcp_pair()
+    try:
+        expect(len(send_some(server, b"")) == 0, "send_some(sock, b'') should return b''")
+        rest = send_some(server, data)
+        expect(
+            0 < len(rest) < len(data),
+            f"the kernel cannot take 1 MB at once: send_some should send part of it and "
+            f"return the rest, but it returned {len(rest)} bytes",
+        )
+        expect(bytes(rest) == data[-len(rest) :], "what send_some returns must be the unsent end")
+        # The client still does not read: the kernel takes little or nothing now.
+        for _ in range(3):
+            before, rest = len(rest), send_some(server, rest)
+            expect(
+                0 < len(rest) <= before,
+                f"with the socket full, send_some should return what it could not send "
+                f"({before} bytes or a little less); it returned {len(rest)}",
+            )
+        # Now the client reads, and the server sends whenever its socket is writable.
+        received = bytearray()
+        client.settimeout(0)
+        deadline = time.monotonic() + 10
+        with selectors.DefaultSelector() as selector:
+            selector.register(server, selectors.EVENT_WRITE)
+            while len(received) < len(data) and time.monotonic() < deadline:
+                with contextlib.suppress(BlockingIOError):
+                    received += client.recv(READ_SIZE * 16)
+                if rest and selector.select(0.01):
+                    rest = send_some(server, rest)
+        expect(
+            bytes(received) == data,
+            f"the client got {len(received)} bytes back in 10 s, not the 1 MB sent"
+            if len(received) != len(data)
+            else "the client got 1 MB, but not in the order it was sent",
+        )
+    finally:
+        server.close()
+        client.close()
+    return _passed("send_some", 3)
+
+
+def _drive_echo(
+    echo_task: Callable[[socket.socket], object], payload: bytes, timeout: float
+) -> tuple[bytes, bool, bool]:
+    """Run ``echo_task`` as an event loop would, while a client sends *payload* and reads.
+
+    Return what the client got back, whether the task finished and
+    whether it closed its socket. One thread does it all: select() on the
+    task's socket for what the task yielded, and on the client's.
+    """
+    server, client = _tcp_pair()
+    client.setblocking(False)
+    task = echo_task(server)
+    expect(inspect.isgenerator(task), "echo_task(sock) should be a generator: use yield")
+    unsent, echoed = memoryview(payload), bytearray()
+    finished, client_done = False, False
+    deadline = time.monotonic() + timeout
+    try:
+        waiting = next(task)
+        # Done once the task has finished and the client has seen the end
+        # (or never will: the task left its socket open).
+        while not (finished and (client_done or server.fileno() != -1)):
+            if time.monotonic() > deadline:
+                break
+            expect(
+                isinstance(waiting, tuple)
+                and len(waiting) == 2
+                and waiting[0] in ("read", "write")
+                and waiting[1] is server,
+                f'echo_task should yield ("read", sock) or ("write", sock); it yielded {waiting!r}',
+            )
+            readers = [client] + ([server] if not finished and waiting[0] == "read" else [])
+            writers = ([client] if unsent else []) + (
+                [server] if not finished and waiting[0] == "write" else []
+            )
+            readable, writable, _ = select.select(readers, writers, [], 0.1)
+            if client in readable:
+                try:
+                    data = client.recv(READ_SIZE * 16)
+                except ConnectionResetError:
+                    data = b""  # closed with our bytes unread: the length check says so
+                echoed += data
+                client_done = not data
+            if client in writable:
+                unsent = unsent[client.send(unsent[:READ_SIZE]) :]
+                if not unsent:
+                    client.shutdown(socket.SHUT_WR)  # as a client ends its side
+            if server in readable or server in writable:
+                try:
+                    waiting = task.send(None)
+                except StopIteration:
+                    finished = True
+        return bytes(echoed), finished, server.fileno() == -1
+    finally:
+        task.close()
+        server.close()
+        client.close()
+
+
+@exercise_check("echo_task")
+def check_echo_task(echo_task: Callable[[socket.socket], object]) -> str:
+    """Check lesson 05's generator ``echo_task(sock)`` over a real connection.
+
+    Short and long messages, the long one through small buffers, so that
+    the kernel takes part of most sends: everything must come back, then
+    the task must close its socket and finish once the client ends its side.
+    """
+    cases = [b"hello\n", _pattern(256 * 1024)]
+    for payload in cases:
+        echoed, finished, closed = _drive_echo(echo_task, payload, timeout=10)
+        size = f"{len(payload)} bytes" if len(payload) < 1024 else f"{len(payload) // 1024} KB"
+        expect(
+            echoed == payload,
+            f"the client sent {size} and got {len(echoed)} bytes back"
+            + (" (the same bytes in another order)" if len(echoed) == len(payload) else "")
+            + ": keep what send() did not take, and send it once the socket is writable",
+        )
+        expect(finished, "after the client ended its side, echo_task should return")
+        expect(closed, "echo_task should close its socket before it returns")
+    return _passed("echo_task", len(cases) * 3)
 
 
 def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:

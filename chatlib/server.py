@@ -30,6 +30,7 @@ from chatlib.engines.base import ServerBase
 from chatlib.history import HistoryStore, StoreError
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
 from chatlib.sqlite_history import SQLiteHistory
+from chatlib.trace import Trace
 
 __all__ = ["ENGINES", "LOG_FLUSH_TIMEOUT", "LOG_QUEUE_LINES", "create_server", "main"]
 
@@ -63,6 +64,7 @@ def create_server(
     port: int = DEFAULT_PORT,
     limits: Limits | None = None,
     store: HistoryStore | None = None,
+    trace: Trace | None = None,
 ) -> ServerBase:
     """Return a bound, not yet started, server of the given *engine*.
 
@@ -70,11 +72,12 @@ def create_server(
     background thread. Its rooms' history goes to *store* (for instance a
     :class:`~chatlib.sqlite_history.SQLiteHistory`), which the caller
     closes once the server has stopped; without one, it is kept in memory.
+    *trace*, if given, receives the engine's :mod:`chatlib.trace` events.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     module = importlib.import_module(f"chatlib.engines.{engine}")
-    return module.ChatServer(host, port, limits=limits, store=store)
+    return module.ChatServer(host, port, limits=limits, store=store, trace=trace)
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):

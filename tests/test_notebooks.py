@@ -283,6 +283,17 @@ def _lines_without_last(sock):
     return data.decode().split("\n")[:-1]
 
 
+def _echo_dropping_the_rest(sock):
+    while True:
+        yield "read", sock
+        data = sock.recv(65536)
+        if not data:
+            break
+        yield "write", sock
+        sock.send(data)  # what the kernel does not take is lost
+    sock.close()
+
+
 @pytest.mark.parametrize(
     ("check", "wrong"),
     [
@@ -293,6 +304,8 @@ def _lines_without_last(sock):
         ("check_lines_before_drop", lambda sendq, line_size: sendq // line_size + 1),
         ("check_bounded_queue", _NeverFull),
         ("check_read_to_end", _lines_without_last),
+        ("check_send_some", lambda sock, data: sock.send(data) and b""),
+        ("check_echo_task", _echo_dropping_the_rest),
         (
             "check_audience",
             lambda rooms, sender, line: {n for names in rooms.values() for n in names},

@@ -41,6 +41,7 @@ from chatlib.engines.base import (
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
+from chatlib.trace import Accepted, Closed, Ready, Received, Sent
 
 __all__ = ["ChatServer"]
 
@@ -234,6 +235,8 @@ class ChatServer(ServerBase):
         conn = self.chat.connect(peer[:2], self._loop.time())
         client.conn = conn
         self._clients[conn] = client
+        if self._trace is not None:
+            self._trace(Accepted(conn.peer))
         self._act_on_ready_soon()
         self._log_connected(conn.peer)
 
@@ -242,8 +245,13 @@ class ChatServer(ServerBase):
         # The loop's clock is time.monotonic(), like the other engines'; the
         # room and call_at() must use the same one.
         now = self._loop.time()
-        if size:
-            self.chat.receive_data(conn, bytes(self._read_buffer[:size]), now)
+        data = bytes(self._read_buffer[:size])
+        if self._trace is not None:
+            # asyncio's loop calls one protocol per ready socket.
+            self._trace(Ready((conn.peer,)))
+            self._trace(Received(conn.peer, data))
+        if data:
+            self.chat.receive_data(conn, data, now)
         else:
             self.chat.receive_eof(conn, now)
         self._act_on_ready_soon()
@@ -259,6 +267,8 @@ class ChatServer(ServerBase):
             # One write, and never writelines(): from Python 3.12.0 until
             # 3.12.9 and 3.13.2 it ignored flow control (CVE-2024-12254).
             client.transport.write(data)
+            if self._trace is not None:
+                self._trace(Sent(conn.peer, data))
         self.chat.data_unsent(conn, client.transport.get_write_buffer_size())
 
     def _end_our_side(self, conn: Connection, client: _Client) -> None:
@@ -282,6 +292,8 @@ class ChatServer(ServerBase):
             client.transport.abort()
         else:
             client.transport.close()
+        if self._trace is not None:
+            self._trace(Closed(conn.peer, conn.cut_off))
         self._log_disconnected(conn.peer)
         if not self._clients and self._all_gone is not None and not self._all_gone.done():
             self._all_gone.set_result(None)

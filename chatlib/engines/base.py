@@ -20,6 +20,7 @@ from types import TracebackType
 from chatlib.chat import Chat, Limits
 from chatlib.history import HistoryStore
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
+from chatlib.trace import Trace
 
 __all__ = [
     "ACCEPT_RETRY_DELAY",
@@ -136,6 +137,9 @@ class ServerBase:
     The listening socket is bound in the constructor, so :attr:`address`
     is known (and "address already in use" is raised) before anything
     runs. Subclasses provide :meth:`serve_forever` and :meth:`stop`.
+
+    *trace*, if given, is called with a :mod:`chatlib.trace` event at each
+    accept, wait, read, write and close, from the engine's own thread(s).
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class ServerBase:
         port: int = DEFAULT_PORT,
         limits: Limits | None = None,
         store: HistoryStore | None = None,
+        trace: Trace | None = None,
     ) -> None:
         self._listener = create_listener(host, port)
         #: ``(host, port)`` the server listens on; the real port if *port* was 0.
@@ -151,6 +156,8 @@ class ServerBase:
         #: The chat the engine drives; its history goes to *store* (in memory if ``None``).
         self.chat = Chat((limits or Limits()).for_listener(self.address[0]), store)
         self._thread: threading.Thread | None = None
+        # Tested at every point an event could be built: None costs nothing else.
+        self._trace = trace
 
     # --- Public methods -------------------------------------------------
 

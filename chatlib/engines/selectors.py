@@ -38,6 +38,7 @@ from chatlib.engines.base import (
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
+from chatlib.trace import Accepted, Closed, Ready, Received, Sent
 
 __all__ = ["ChatServer"]
 
@@ -149,6 +150,8 @@ class ChatServer(ServerBase):
         client = _Client(sock, address[:2])
         conn = self.chat.connect(client.peer, time.monotonic())
         self._clients[conn] = client
+        if self._trace is not None:
+            self._trace(Accepted(client.peer))
         self._log_connected(client.peer)
 
     def _read(self, conn: Connection, client: _Client) -> None:
@@ -160,6 +163,8 @@ class ChatServer(ServerBase):
         except OSError:
             self.chat.connection_lost(conn)  # reset by the peer
             return
+        if self._trace is not None:
+            self._trace(Received(client.peer, data))
         if data:
             self.chat.receive_data(conn, data, time.monotonic())
         else:
@@ -173,15 +178,28 @@ class ChatServer(ServerBase):
         """
         try:
             if client.unsent:
-                client.unsent = _send_some(client.sock, client.unsent)
+                client.unsent = self._send_some(client, client.unsent)
             if not client.unsent:
                 # Only now take more from the chat, so that a client that
                 # does not read costs one backlog here at most.
-                client.unsent = _send_some(client.sock, conn.data_to_send())
+                client.unsent = self._send_some(client, conn.data_to_send())
         except OSError:
             self.chat.connection_lost(conn)  # reset by the peer, or a broken pipe
             return
         self.chat.data_unsent(conn, len(client.unsent))
+
+    def _send_some(self, client: _Client, data: bytes | memoryview) -> bytes | memoryview:
+        """Send what the kernel takes of *data* now; return the rest."""
+        if not data:
+            return b""
+        try:
+            sent = client.sock.send(data, NO_SIGNAL)
+        except BlockingIOError:
+            sent = 0
+        if self._trace is not None and sent:
+            self._trace(Sent(client.peer, bytes(data[:sent])))
+        # A memoryview, so that the rest of a large backlog is never copied.
+        return memoryview(data)[sent:] if sent < len(data) else b""
 
     def _end_our_side(self, conn: Connection, client: _Client) -> None:
         """Send our end of the stream after the goodbye; the client reads it all first."""
@@ -200,6 +218,8 @@ class ChatServer(ServerBase):
         if conn.cut_off:
             reset_on_close(client.sock)
         client.sock.close()
+        if self._trace is not None:
+            self._trace(Closed(client.peer, conn.cut_off))
         self._log_disconnected(client.peer)
 
     def _act_on_ready(self) -> None:
@@ -243,7 +263,14 @@ class ChatServer(ServerBase):
 
     def _run_once(self, timeout: float | None) -> None:
         """Wait up to *timeout* seconds for sockets, handle them, then write."""
-        for key, events in self._selector.select(timeout):
+        ready = self._selector.select(timeout)
+        if self._trace is not None:
+            # Clients only: the listener and the wake-up socket carry no data.
+            peers = tuple(
+                key.data.peer for key, events in ready if key.data is not None and events & _READ
+            )
+            self._trace(Ready(peers))
+        for key, events in ready:
             if key.fileobj is self._listener:
                 self._accept_waiting()
             elif key.fileobj is self._wakeup:
@@ -314,15 +341,3 @@ class ChatServer(ServerBase):
         self._selector.close()
         self._wakeup.close()
         self._wakeup_sender.close()
-
-
-def _send_some(sock: socket.socket, data: bytes | memoryview) -> bytes | memoryview:
-    """Send what the kernel takes of *data* now; return the rest."""
-    if not data:
-        return b""
-    try:
-        sent = sock.send(data, NO_SIGNAL)
-    except BlockingIOError:
-        sent = 0
-    # A memoryview, so that the rest of a large backlog is never copied.
-    return memoryview(data)[sent:] if sent < len(data) else b""

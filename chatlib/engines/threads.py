@@ -49,6 +49,7 @@ from chatlib.engines.base import (
     set_nodelay,
 )
 from chatlib.protocol import READ_SIZE
+from chatlib.trace import Accepted, Closed, Ready, Received, Sent
 
 __all__ = ["ChatServer"]
 
@@ -210,6 +211,8 @@ class ChatServer(ServerBase):
                 sock.close()
                 return
             conn = self.chat.connect(client.peer, time.monotonic())
+            if self._trace is not None:
+                self._trace(Accepted(client.peer))
             turned_away = conn.state is not State.OPEN
             if not turned_away:
                 self._clients[conn] = client
@@ -261,6 +264,10 @@ class ChatServer(ServerBase):
                         continue
                 data = client.sock.recv(READ_SIZE)
                 with self._lock:
+                    if self._trace is not None:
+                        # Each reader waits on its own socket: one at a time.
+                        self._trace(Ready((client.peer,)))
+                        self._trace(Received(client.peer, data))
                     if conn.state is State.CLOSED:
                         break  # cut off while we waited: there is nobody to tell
                     if data:
@@ -321,6 +328,8 @@ class ChatServer(ServerBase):
         """
         try:
             sent = client.sock.send(data, _DONT_WAIT | NO_SIGNAL) if _DONT_WAIT and data else 0
+            if self._trace is not None and sent:
+                self._trace(Sent(client.peer, data[:sent]))
             if sent == len(data) and last:
                 self._end_our_side(conn, client)
                 return
@@ -361,6 +370,8 @@ class ChatServer(ServerBase):
                     # A deadline bounds this: once the client is leaving, the
                     # sender cuts it off then, which ends sendall() at once.
                     client.sock.sendall(data, NO_SIGNAL)
+                    if self._trace is not None:
+                        self._trace(Sent(client.peer, data))
                 else:
                     self._end_our_side(conn, client)
                     return
@@ -401,6 +412,8 @@ class ChatServer(ServerBase):
         if conn.cut_off:
             reset_on_close(client.sock)
         client.sock.close()
+        if self._trace is not None:
+            self._trace(Closed(client.peer, conn.cut_off))
         self._log_disconnected(client.peer)
 
     def _act_on_ready(
@@ -475,7 +488,10 @@ class ChatServer(ServerBase):
         sock.setblocking(False)
         try:
             # A fresh socket's buffer always takes one short line.
-            sock.send(conn.data_to_send(), NO_SIGNAL)
+            refusal = conn.data_to_send()
+            sent = sock.send(refusal, NO_SIGNAL)
+            if self._trace is not None:
+                self._trace(Sent(conn.peer, refusal[:sent]))
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             with self._lock:
@@ -493,12 +509,16 @@ class ChatServer(ServerBase):
         """Read and drop what a turned-away client sends, until it ends its side."""
         conn = self._turned_away[sock]
         try:
-            ended = not sock.recv(READ_SIZE)
+            data = sock.recv(READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
-            ended = True
-        if ended:
+            data = b""  # reset: as good as ended
+        else:
+            if self._trace is not None:
+                self._trace(Ready((conn.peer,)))
+                self._trace(Received(conn.peer, data))
+        if not data:
             with self._lock:
                 self.chat.receive_eof(conn, time.monotonic())
             self._close_turned_away(sock)
@@ -515,9 +535,12 @@ class ChatServer(ServerBase):
         conn = self._turned_away.pop(sock)
         with contextlib.suppress(KeyError):
             self._selector.unregister(sock)
-        if conn.cut_off or conn.state is not State.CLOSED:
+        cut_off = conn.cut_off or conn.state is not State.CLOSED
+        if cut_off:
             reset_on_close(sock)
         sock.close()
+        if self._trace is not None:
+            self._trace(Closed(conn.peer, cut_off))
         self._log_disconnected(conn.peer)
 
     def _time_to_next_refusal_deadline(self) -> float | None:

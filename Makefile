@@ -44,9 +44,10 @@ student: $(STAMP)
 
 # From the repository root, so that the notebooks' links to ../chatlib/ and
 # ../docs/ open; with the course map open, and no news pop-up over the outputs.
-# lab opens the learner's copies (made first if missing), lab-solutions the teacher's.
+# lab opens the learner's copies, lab-solutions the teacher's. lab first copies
+# any notebook that student/ lacks (all of them, the first time) and keeps the rest.
 lab: $(STAMP)
-	test -d student || $(BIN)/python tools/student.py
+	$(BIN)/python tools/student.py
 	$(VENV_PATH) $(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. \
 		--LabApp.app_settings_dir=lab-settings $(ARGS) student/00-course-map.ipynb
 

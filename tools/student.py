@@ -117,6 +117,14 @@ def learner_copy(notebook: dict, name: str = "the notebook") -> dict:
     return copied
 
 
+def _shown(path: Path) -> Path:
+    """Return *path* relative to the working directory if it is under it, as a person types it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def write_learner_copies(paths: list[Path], folder: Path, *, force: bool = False) -> list[str]:
     """Write the learner's copy of each notebook in *paths* into *folder*; return what was done.
 
@@ -134,12 +142,12 @@ def write_learner_copies(paths: list[Path], folder: Path, *, force: bool = False
     for name, notebook in copies.items():
         target = folder / name
         if target.exists() and not force:
-            report.append(f"kept {target}: it may hold your work (--force overwrites it)")
+            report.append(f"kept {_shown(target)}: it may hold your work (--force overwrites it)")
             continue
         # Written as nbformat writes notebooks, so a diff shows only real changes.
         text = json.dumps(notebook, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
         target.write_text(text, encoding="utf-8")
-        report.append(f"wrote {target}")
+        report.append(f"wrote {_shown(target)}")
     return report
 
 

@@ -188,10 +188,10 @@ def test_exercises_are_marked_and_each_is_followed_by_its_check(path):
             f"{path.name}: exercise cell {index} needs its solution between {BEGIN_SOLUTION!r} "
             f"and {END_SOLUTION!r} lines, in pairs"
         )
-        check = cells[index + 1] if index + 1 < len(cells) else {"source": "", "metadata": {}}
-        assert "check" in _tags(check), (
+        assert index + 1 < len(cells) and "check" in _tags(cells[index + 1]), (
             f"{path.name}: exercise cell {index} is not followed by a cell tagged check"
         )
+        check = cells[index + 1]
         assert CHECK_CALL.fullmatch(_source(check).strip()), (
             f"{path.name}: a check cell holds just the call, e.g. "
             f"lessons.check_read_lines(read_lines), not {_source(check)!r}"
@@ -305,6 +305,33 @@ def _recv_once(sock, n):
     return sock.recv(n)
 
 
+def _nick_without_newline(sock, reader, name):
+    # The server waits for the end of the line; the check must not wait for ever.
+    sock.sendall(f"/nick {name}".encode())
+    return reader.readline()
+
+
+def _first_line_after_who(sock, reader):
+    sock.sendall(b"/who\n")
+    return reader.readline()[len("*** Online (2): ") :].rstrip("\n").split(", ")
+
+
+def _forward_pieces(conn, clients, lock):
+    # Forwards whatever recv() returned: pieces of lines, mixed with other clients' lines.
+    with lock:
+        clients.append(conn)
+    with contextlib.suppress(OSError):
+        while data := conn.recv(1024):
+            with lock:
+                everyone = list(clients)
+            for other in everyone:
+                with contextlib.suppress(OSError):
+                    other.sendall(data)
+    with lock:
+        clients.remove(conn)
+    conn.close()
+
+
 class _NeverFull:
     def __init__(self, cap):
         self._chunks = []
@@ -361,33 +388,6 @@ def _lines_without_last(sock):
     while chunk := sock.recv(1024):
         data += chunk
     return data.decode().split("\n")[:-1]
-
-
-def _nick_without_newline(sock, reader, name):
-    # The server waits for the end of the line; the check must not wait for ever.
-    sock.sendall(f"/nick {name}".encode())
-    return reader.readline()
-
-
-def _first_line_after_who(sock, reader):
-    sock.sendall(b"/who\n")
-    return reader.readline()[len("*** Online (2): ") :].rstrip("\n").split(", ")
-
-
-def _forward_pieces(conn, clients, lock):
-    # Forwards whatever recv() returned: pieces of lines, mixed with other clients' lines.
-    with lock:
-        clients.append(conn)
-    with contextlib.suppress(OSError):
-        while data := conn.recv(1024):
-            with lock:
-                everyone = list(clients)
-            for other in everyone:
-                with contextlib.suppress(OSError):
-                    other.sendall(data)
-    with lock:
-        clients.remove(conn)
-    conn.close()
 
 
 @pytest.mark.parametrize(

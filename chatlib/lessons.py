@@ -714,6 +714,7 @@ def check_serve_client(serve_client: Callable[[socket.socket, list, object], Non
             errors.append(error)
 
     def count() -> int:
+        # Past the counting: only the answer's own use of the lock should count.
         with lock._lock:
             return len(clients)
 
@@ -795,7 +796,7 @@ def check_serve_client(serve_client: Callable[[socket.socket, list, object], Non
         for conn in conns.values():
             conn.close()
         listener.close()
-    return _passed("serve_client", 3)
+    return _passed("serve_client", 5)
 
 
 @exercise_check("SafeClients")
@@ -845,7 +846,7 @@ def check_safe_clients(make_clients: Callable[[], object]) -> str:
         names == ["alice", "carol"],
         f"after remove('bob'), snapshot() should hold alice and carol; it gave {names}",
     )
-    return _passed("SafeClients", 3)
+    return _passed("SafeClients", 4)
 
 
 def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str:

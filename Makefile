@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.make-stamp
 ARGS ?=
-CODE := chatlib tests notebooks
+CODE := chatlib tests notebooks tools
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 # Kernels are started as plain "python" (ipykernel's kernelspec), so put the
 # venv first on PATH for anything that launches one.
@@ -16,7 +16,7 @@ QUIET_JUPYTER := JUPYTER_PLATFORM_DIRS=1
 # Jupyter refuses to start as root (containers, CI machines) without this flag.
 LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: venv test lab server client notebooks bench lint format clean
+.PHONY: venv test student lab lab-solutions server client notebooks bench lint format clean
 
 venv: $(STAMP)
 
@@ -37,9 +37,21 @@ test: $(STAMP)
 		echo "no notebooks/*.ipynb yet: skipping nbval"; \
 	fi
 
+# The learner's copies of the notebooks, exercises without solutions, in
+# student/; copies already there are kept (ARGS=--force overwrites them).
+student: $(STAMP)
+	$(BIN)/python tools/student.py $(ARGS)
+
 # From the repository root, so that the notebooks' links to ../chatlib/ and
 # ../docs/ open; with the course map open, and no news pop-up over the outputs.
+# lab opens the learner's copies, lab-solutions the teacher's. lab first copies
+# any notebook that student/ lacks (all of them, the first time) and keeps the rest.
 lab: $(STAMP)
+	$(BIN)/python tools/student.py
+	$(VENV_PATH) $(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. \
+		--LabApp.app_settings_dir=lab-settings $(ARGS) student/00-course-map.ipynb
+
+lab-solutions: $(STAMP)
 	$(VENV_PATH) $(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. \
 		--LabApp.app_settings_dir=lab-settings $(ARGS) notebooks/00-course-map.ipynb
 

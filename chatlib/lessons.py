@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import io
 import itertools
 import select
 import selectors
@@ -34,6 +35,7 @@ from typing import TypeVar
 
 from chatlib.chat import Chat, Limits
 from chatlib.protocol import CLIENT_MAX_LINE, READ_SIZE, LineFramer, encode_line
+from chatlib.server import create_server
 from chatlib.sqlite_history import SQLiteHistory
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "NaiveChatServer",
     "check_audience",
     "check_bounded_queue",
+    "check_choose_name",
     "check_echo_task",
     "check_lines_before_drop",
     "check_read_lines",
@@ -52,7 +55,8 @@ __all__ = [
     "check_ring",
     "check_safe_clients",
     "check_send_some",
-    "check_threads_for",
+    "check_serve_client",
+    "check_who_is_online",
     "exercise_check",
     "expect",
     "send_in_background",
@@ -529,6 +533,7 @@ def check_read_lines(read_lines: Callable[[list[bytes], int], list[str]]) -> str
     return _passed("read_lines", len(cases))
 
 
+@exercise_check("recv_exactly")
 def check_recv_exactly(recv_exactly: Callable[[socket.socket, int], bytes]) -> str:
     """Check lesson 01's ``recv_exactly(sock, n)`` against data sent in pieces."""
     pieces = [b"he", b"llo", b" wor", b"ld!", b"extra"]
@@ -549,17 +554,27 @@ def check_recv_exactly(recv_exactly: Callable[[socket.socket, int], bytes]) -> s
     sender.start()
     try:
         first = recv_exactly(b, 5)
-        assert first == b"hello", f"recv_exactly(sock, 5) gave {first!r}, not b'hello'"
+        expect(
+            first == b"hello",
+            f"after b'he' and b'llo' were sent, recv_exactly(sock, 5) should give b'hello'; "
+            f"it gave {first!r}",
+        )
         second = recv_exactly(b, 7)
-        assert second == b" world!", f"then recv_exactly(sock, 7) gave {second!r}, not b' world!'"
+        expect(
+            second == b" world!",
+            f"then recv_exactly(sock, 7) should give b' world!'; it gave {second!r}",
+        )
         sender.join(5)
         a.close()
         try:
-            recv_exactly(b, 10)
+            early = recv_exactly(b, 10)
         except EOFError:
             pass
         else:
-            raise AssertionError("recv_exactly should raise EOFError when the stream ends early")
+            raise CheckFailed(
+                "when the stream ends after 5 of the 10 bytes asked for, recv_exactly should "
+                f"raise EOFError; it returned {early!r}"
+            )
     finally:
         stop.set()
         sender.join(5)
@@ -568,34 +583,226 @@ def check_recv_exactly(recv_exactly: Callable[[socket.socket, int], bytes]) -> s
     return _passed("recv_exactly", 3)
 
 
-def check_threads_for(threads_for: Callable[[int], int]) -> str:
-    """Check lesson 02's ``threads_for(n)`` for the threaded engine, by counting.
+# A check's server answers on 127.0.0.1 in far less; past this, say so rather than hang.
+_CHECK_READ_TIMEOUT = 2.0
 
-    Counts the threads one server adds while *n* clients are connected: its
-    accepting thread, its sender, and whatever it starts per client.
+
+def _connect_to_chat(address: tuple[str, int]) -> tuple[socket.socket, io.TextIOWrapper]:
+    """Connect as lesson 00 does, and read the greeting up to the "You are in" notice."""
+    sock = socket.create_connection(address, timeout=_CHECK_READ_TIMEOUT)
+    reader = sock.makefile("r", encoding="utf-8", newline="\n")
+    while not reader.readline().startswith("*** You are in"):
+        pass
+    return sock, reader
+
+
+@exercise_check("choose_name")
+def check_choose_name(choose_name: Callable[[socket.socket, io.TextIOWrapper, str], str]) -> str:
+    """Check lesson 00's ``choose_name(sock, reader, name)`` against a real chat server."""
+    with create_server("threads", "127.0.0.1", 0) as server:
+        first, first_reader = _connect_to_chat(server.address)
+        with first, first_reader:
+            answer = choose_name(first, first_reader, "alice")
+            expected = "*** guest1 is now known as alice."
+            expect(
+                isinstance(answer, str) and answer.rstrip("\n") == expected,
+                f"choose_name(sock, reader, 'alice') should return the server's answer, "
+                f"{expected!r}; it returned {answer!r}",
+            )
+            second, second_reader = _connect_to_chat(server.address)
+            with second, second_reader:
+                answer = choose_name(second, second_reader, "Alice")
+                expected = "!!! The name Alice is taken. Your name is still guest2."
+                expect(
+                    isinstance(answer, str) and answer.rstrip("\n") == expected,
+                    f"once alice is taken, choose_name(sock, reader, 'Alice') should return "
+                    f"{expected!r}; it returned {answer!r}",
+                )
+                second.sendall(b"/who\n")
+                online = second_reader.readline()
+                expect(
+                    online == "*** Online (2): alice, guest2\n",
+                    f"after choose_name, the server should call guest1 alice; /who gave {online!r}",
+                )
+    return _passed("choose_name", 3)
+
+
+@exercise_check("who_is_online")
+def check_who_is_online(who_is_online: Callable[[socket.socket, io.TextIOWrapper], list]) -> str:
+    """Check lesson 00's ``who_is_online(sock, reader)`` against a real chat server.
+
+    Before each ``/who``, other people's lines are waiting to be read (a
+    join, a message), as in a real chat: the answer must skip them.
     """
-    from chatlib.engines.threads import ChatServer
 
-    def engine_threads() -> int:
-        return sum(map(threads_named, ["(_read)", "(_write)", "(_send)", " server"]))
-
-    for n in (0, 1, 3):
-        before = engine_threads()
-        with ChatServer("127.0.0.1", 0) as server:
-            clients = [LineClient(server.address) for _ in range(n)]
-            for client in clients:
-                client.read_until(lambda line: line.startswith("*** You are in"))
-            counted = engine_threads() - before
-            for client in clients:
-                client.close()
-        wait_until(lambda before=before: engine_threads() <= before, 5.0)
-        assert threads_for(n) == counted, (
-            f"with {n} clients the engine runs {counted} threads, "
-            f"counting the ones that accept and send; threads_for({n}) gave {threads_for(n)}"
+    def ask(sock: socket.socket, reader: io.TextIOWrapper, name: str, expected: list) -> None:
+        got = who_is_online(sock, reader)
+        expect(
+            got == expected,
+            f"with {', '.join(expected)} in the room and other lines waiting to be read, "
+            f"who_is_online for {name} should return {expected!r}; it returned {got!r}",
         )
-    return _passed("threads_for", 3)
+
+    with create_server("threads", "127.0.0.1", 0) as server:
+        alice, alice_reader = _connect_to_chat(server.address)
+        alice.sendall(b"/nick alice\n")
+        bob, bob_reader = _connect_to_chat(server.address)
+        carol, carol_reader = _connect_to_chat(server.address)
+        with alice, alice_reader, bob, bob_reader, carol, carol_reader:
+            bob.sendall(b"/nick bob\nhi alice\n")
+            # Its echo comes once the server has handled both lines.
+            while bob_reader.readline() != "<bob> hi alice\n":
+                pass
+            everyone = ["alice", "bob", "guest3"]
+            # alice's reader holds two joins, two renames and bob's message; carol's holds
+            # the renames and the message.
+            ask(alice, alice_reader, "alice", everyone)
+            ask(carol, carol_reader, "guest3", everyone)
+            bob.sendall(b"/quit\n")
+            while bob_reader.readline():  # the server closes once bob has left
+                pass
+            ask(alice, alice_reader, "alice", ["alice", "guest3"])
+    return _passed("who_is_online", 3)
 
 
+class _CountingLock:
+    """A lock that counts how often it was taken, so a check can tell it was used."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.taken = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        acquired = self._lock.acquire(blocking, timeout)
+        self.taken += acquired
+        return acquired
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _has_unread_bytes(sock: socket.socket) -> bool:
+    """Return whether received bytes wait in *sock*'s kernel buffer, unread."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+@exercise_check("serve_client")
+def check_serve_client(serve_client: Callable[[socket.socket, list, object], None]) -> str:
+    """Check lesson 02's ``serve_client(conn, clients, lock)`` in a small threaded chat.
+
+    Three clients connect on 127.0.0.1, each served by the answer in a
+    thread of its own. alice sends a line in two pieces, with carol's line
+    in between: a relay that forwards pieces instead of whole lines mixes
+    them up. Then bob leaves, and the others carry on.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients: list[socket.socket] = []
+    lock = _CountingLock()
+    errors: list[Exception] = []
+    threads: dict[str, threading.Thread] = {}
+    conns: dict[str, socket.socket] = {}
+    people: dict[str, LineClient] = {}
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            serve_client(conn, clients, lock)
+        except Exception as error:  # reported by the check: a thread must not print
+            errors.append(error)
+
+    def count() -> int:
+        # Past the counting: only the answer's own use of the lock should count.
+        with lock._lock:
+            return len(clients)
+
+    def settled(expected_count: int) -> bool:
+        return wait_until(lambda: errors or count() == expected_count, _CHECK_READ_TIMEOUT)
+
+    def read(name: str, lines: int) -> list[str]:
+        got: list[str] = []
+        with contextlib.suppress(TimeoutError):
+            for _ in range(lines):
+                line = people[name].read_line(_CHECK_READ_TIMEOUT)
+                if line is None:
+                    break
+                got.append(line)
+        if errors:
+            raise errors[0]
+        return got
+
+    try:
+        for name in ("alice", "bob", "carol"):
+            people[name] = LineClient(listener.getsockname(), timeout=_CHECK_READ_TIMEOUT)
+            conns[name], _ = listener.accept()
+            threads[name] = threading.Thread(target=serve, args=(conns[name],), daemon=True)
+            threads[name].start()
+        settled(3)
+        if errors:
+            raise errors[0]
+        expect(
+            count() == 3 and lock.taken,
+            f"with three clients connected, clients should hold their 3 sockets, added under "
+            f"the lock; it holds {count()}, and the lock was taken {lock.taken} times",
+        )
+        people["alice"].sock.sendall(b"he")
+        # Once alice's thread has taken "he" in, a relay that forwards pieces sends it on at
+        # once (give it a moment to reach bob); one that forwards lines sends nothing yet.
+        wait_until(lambda: not _has_unread_bytes(conns["alice"]), _CHECK_READ_TIMEOUT)
+        wait_until(lambda: _has_unread_bytes(people["bob"].sock), 0.2)
+        people["carol"].send_line("hi")
+        for name in people:
+            got = read(name, 1)
+            expect(
+                got == ["hi"],
+                f"alice had sent 'he', the start of a line, when carol sent 'hi': {name} should "
+                f"receive ['hi'] but received {got!r}. Forward whole lines only: keep each "
+                "client's pieces in a LineFramer of its own.",
+            )
+        people["alice"].sock.sendall(b"llo\n")
+        for name in people:
+            got = read(name, 1)
+            expect(
+                got == ["hello"],
+                f"alice's 'he' and 'llo\\n' make the line 'hello': {name} should receive "
+                f"['hello'] but received {got!r}",
+            )
+        people.pop("bob").close()
+        settled(2)
+        threads["bob"].join(_CHECK_READ_TIMEOUT)
+        expect(
+            conns["bob"] not in clients and not threads["bob"].is_alive(),
+            "when bob disconnected, his serve_client should remove his socket from clients "
+            f"and return; clients still holds {count()} sockets, and his thread "
+            f"{'is still running' if threads['bob'].is_alive() else 'ended'}",
+        )
+        people["carol"].send_line("still here?")
+        for name in people:
+            got = read(name, 1)
+            expect(
+                got == ["still here?"],
+                f"after bob left, carol's line should still reach {name}; {name} received {got!r}",
+            )
+    finally:
+        for client in people.values():
+            client.close()
+        for conn in conns.values():
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in threads.values():
+            thread.join(_CHECK_READ_TIMEOUT)
+        for conn in conns.values():
+            conn.close()
+        listener.close()
+    return _passed("serve_client", 5)
+
+
+@exercise_check("SafeClients")
 def check_safe_clients(make_clients: Callable[[], object]) -> str:
     """Check lesson 02's thread-safe client list: ``add``, ``remove``, ``snapshot``.
 
@@ -619,14 +826,30 @@ def check_safe_clients(make_clients: Callable[[], object]) -> str:
 
     walker = threading.Thread(target=walk)
     walker.start()
-    assert inside.wait(5), "snapshot() returned nothing to walk over"
+    walked = inside.wait(5)
+    if not walked:
+        walker.join(5)
+        if errors:
+            raise errors[0]
+    expect(walked, "after add('alice') and add('bob'), snapshot() gave nothing to walk over")
     clients.add("carol")
     walker.join(5)
-    assert not errors, f"walking the snapshot failed: {errors[0]!r}"
-    assert sorted(clients.snapshot()) == ["alice", "bob", "carol"], clients.snapshot()
+    if errors:
+        raise CheckFailed(
+            f"a thread walking over snapshot() failed when carol was added meanwhile: {errors[0]!r}"
+        )
+    names = sorted(clients.snapshot())
+    expect(
+        names == ["alice", "bob", "carol"],
+        f"after adding alice, bob and carol, snapshot() should hold those three; it gave {names}",
+    )
     clients.remove("bob")
-    assert sorted(clients.snapshot()) == ["alice", "carol"], clients.snapshot()
-    return _passed("client list", 3)
+    names = sorted(clients.snapshot())
+    expect(
+        names == ["alice", "carol"],
+        f"after remove('bob'), snapshot() should hold alice and carol; it gave {names}",
+    )
+    return _passed("SafeClients", 4)
 
 
 def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str:

@@ -22,7 +22,10 @@ NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 NAME = re.compile(r"(?P<number>\d{2})-[a-z0-9]+(?:-[a-z0-9]+)*\.ipynb")
 TITLE = re.compile(r"# (?P<number>\d{2}) · (?P<title>\S.*)")
 LINK = re.compile(r"\[(?P<text>[^\]]+)\]\((?P<target>[^)\s]+)\)")
-SOLUTION = "# Solution — replace with your own and re-run the check"
+# nbgrader's markers around each exercise's solution (tools/student.py takes it out).
+BEGIN_SOLUTION = "### BEGIN SOLUTION"
+END_SOLUTION = "### END SOLUTION"
+CHECK_CALL = re.compile(r"(await )?lessons\.check_\w+\(\w+\)")
 FINISHED = "The finished version of this lesson lives in `chatlib/"
 TOOL_MARKER = re.compile(r"^\s*#\s*NBVAL_", re.MULTILINE)
 
@@ -142,17 +145,65 @@ def test_finished_code_named_at_the_end_exists(path):
         assert (ROOT / module).exists(), f"{path.name} points to {module}, which does not exist"
 
 
+def _tags(cell: dict) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def _marked_regions(source: str) -> int | None:
+    """Return how many solution regions *source* marks, or None if the markers do not pair up."""
+    regions, inside = 0, False
+    for line in source.splitlines():
+        marker = line.strip()
+        if marker == BEGIN_SOLUTION:
+            if inside:
+                return None
+            inside = True
+        elif marker == END_SOLUTION:
+            if not inside:
+                return None
+            inside, regions = False, regions + 1
+    return None if inside else regions
+
+
 @by_name
-def test_each_exercise_solution_is_followed_by_a_check(path):
-    cells = _load(path)["cells"]
-    solutions = [i for i, cell in enumerate(cells) if _source(cell).startswith(SOLUTION)]
-    assert 2 <= len(solutions) <= 3, f"{path.name}: two or three exercises with solutions"
-    exercises = _heading_index(_load(path), "## Exercises")
-    for index in solutions:
-        assert index > exercises, f"{path.name}: a solution before ## Exercises"
+def test_exercises_are_marked_and_each_is_followed_by_its_check(path):
+    nb = _load(path)
+    cells = nb["cells"]
+    exercises = [index for index, cell in enumerate(cells) if "exercise" in _tags(cell)]
+    assert 2 <= len(exercises) <= 3, f"{path.name}: two or three cells tagged exercise"
+    heading = _heading_index(nb, "## Exercises")
+    for index in exercises:
+        cell = cells[index]
+        assert index > heading, f"{path.name}: an exercise cell before ## Exercises"
+        assert cell["cell_type"] == "code", f"{path.name}: cell {index} is tagged exercise"
+        regions = _marked_regions(_source(cell))
+        assert regions, (
+            f"{path.name}: exercise cell {index} needs its solution between {BEGIN_SOLUTION!r} "
+            f"and {END_SOLUTION!r} lines, in pairs"
+        )
+        assert index + 1 < len(cells) and "check" in _tags(cells[index + 1]), (
+            f"{path.name}: exercise cell {index} is not followed by a cell tagged check"
+        )
         check = cells[index + 1]
-        assert check["cell_type"] == "code", f"{path.name}: a solution is followed by its check"
-        assert not _source(check).startswith(SOLUTION)
+        assert CHECK_CALL.fullmatch(_source(check).strip()), (
+            f"{path.name}: a check cell holds just the call, e.g. "
+            f"lessons.check_read_lines(read_lines), not {_source(check)!r}"
+        )
+    checks = [index for index, cell in enumerate(cells) if "check" in _tags(cell)]
+    assert checks == [index + 1 for index in exercises], (
+        f"{path.name}: a check cell without an exercise"
+    )
+
+
+@by_name
+def test_no_solution_markers_outside_the_exercises(path):
+    for index, cell in enumerate(_load(path)["cells"]):
+        source = _source(cell)
+        if "exercise" not in _tags(cell):
+            assert BEGIN_SOLUTION not in source and END_SOLUTION not in source, (
+                f"{path.name}: cell {index} has solution markers but is not tagged exercise"
+            )
+        assert "# Solution" not in source, f"{path.name}: cell {index} has an old solution header"
 
 
 @by_name
@@ -223,6 +274,33 @@ def _split_lines(chunks, max_line):
 
 def _recv_once(sock, n):
     return sock.recv(n)
+
+
+def _nick_without_newline(sock, reader, name):
+    # The server waits for the end of the line; the check must not wait for ever.
+    sock.sendall(f"/nick {name}".encode())
+    return reader.readline()
+
+
+def _first_line_after_who(sock, reader):
+    sock.sendall(b"/who\n")
+    return reader.readline()[len("*** Online (2): ") :].rstrip("\n").split(", ")
+
+
+def _forward_pieces(conn, clients, lock):
+    # Forwards whatever recv() returned: pieces of lines, mixed with other clients' lines.
+    with lock:
+        clients.append(conn)
+    with contextlib.suppress(OSError):
+        while data := conn.recv(1024):
+            with lock:
+                everyone = list(clients)
+            for other in everyone:
+                with contextlib.suppress(OSError):
+                    other.sendall(data)
+    with lock:
+        clients.remove(conn)
+    conn.close()
 
 
 class _NeverFull:
@@ -299,7 +377,9 @@ def _echo_dropping_the_rest(sock):
     [
         ("check_read_lines", _split_lines),
         ("check_recv_exactly", _recv_once),
-        ("check_threads_for", lambda n: n + 1),
+        ("check_choose_name", _nick_without_newline),
+        ("check_who_is_online", _first_line_after_who),
+        ("check_serve_client", _forward_pieces),
         ("check_safe_clients", _SharedDict),
         ("check_lines_before_drop", lambda sendq, line_size: sendq // line_size + 1),
         ("check_bounded_queue", _NeverFull),

@@ -26,7 +26,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -888,16 +888,24 @@ async def _hears(client: aio_client.AsyncChatClient, expected: str, timeout: flo
 
 
 class _BroadcastRoom:
-    """The lesson's chat room, saying everything with the learner's ``broadcast``."""
+    """The lesson's chat room, saying everything with the learner's ``broadcast``.
+
+    What the learner's code raises is kept in :attr:`errors` for the check
+    to report: raised in a client's handler, it would only be logged.
+    """
 
     def __init__(self, broadcast: Callable[[set, bytes, int], object], sendq: int) -> None:
         self.broadcast = broadcast
         self.sendq = sendq
         self.writers: set[asyncio.StreamWriter] = set()
+        self.errors: list[Exception] = []
         self._names = itertools.count(1)
 
     def say(self, text: str) -> None:
-        self.broadcast(self.writers, encode_line(text), self.sendq)
+        try:
+            self.broadcast(self.writers, encode_line(text), self.sendq)
+        except Exception as error:  # the learner's, reported by the check
+            self.errors.append(error)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         name = f"guest{next(self._names)}"
@@ -914,13 +922,35 @@ class _BroadcastRoom:
             self.say(f"*** {format_notice('left', name=name, reason='')}")
 
     def close(self) -> None:
-        for writer in self.writers:
+        for writer in list(self.writers):
             writer.transport.abort()
 
 
 def _decode_line(raw: bytes) -> str:
     """Return one line as ``readline()`` gave it, decoded and safe to show."""
     return sanitize(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+
+
+@contextlib.asynccontextmanager
+async def _backlogged_writer(backlog: int) -> AsyncIterator[asyncio.StreamWriter]:
+    """Yield a stream writer on 127.0.0.1 whose peer never reads, *backlog* bytes behind.
+
+    Small kernel buffers on both ends keep nearly all of the backlog in the
+    transport, where ``get_write_buffer_size()`` counts it.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    _, writer = await asyncio.open_connection(sock=ours)
+    writer.write(b"x" * backlog)
+    try:
+        yield writer
+    finally:
+        writer.transport.abort()
+        peer.close()
 
 
 @exercise_check("broadcast")
@@ -936,14 +966,45 @@ async def check_broadcast(broadcast: Callable[[set, bytes, int], object]) -> str
         "broadcast should be a plain function (def, not async def): it must never wait",
     )
     sendq = 256 * 1024
+    nobody: set[asyncio.StreamWriter] = set()
+    broadcast(nobody, b"hello\n", sendq)  # an empty room: nothing to do, nothing to fail
+    async with _backlogged_writer(sendq) as behind:
+        size = behind.transport.get_write_buffer_size()
+        writers = {behind}
+        broadcast(writers, b"hello\n", 2 * size)
+        expect(
+            writers == {behind} and not behind.transport.is_closing(),
+            f"a writer {size} bytes behind was dropped although sendq was {2 * size}:"
+            " drop only a writer more than sendq bytes behind",
+        )
+        expect(
+            behind.transport.get_write_buffer_size() == size + len(b"hello\n"),
+            "broadcast should write data to a writer that is not too far behind",
+        )
+        broadcast(writers, b"hello\n", size // 2)
+        expect(
+            not writers and behind.transport.is_closing(),
+            f"a writer {size} bytes behind should be aborted and removed from writers when"
+            f" sendq is {size // 2}; writers still holds {len(writers)}, and its transport"
+            f" is {'closing' if behind.transport.is_closing() else 'open'}",
+        )
     room = _BroadcastRoom(broadcast, sendq)
     server = await asyncio.start_server(room.handle, "127.0.0.1", 0, limit=Limits().max_line + 2)
     try:
         run = await talk_past_stuck_client(server.sockets[0].getsockname()[:2])
+    except TimeoutError:
+        run = None
     finally:
         server.close()
         room.close()
         await server.wait_closed()
+    if room.errors:
+        raise room.errors[0]
+    expect(
+        run is not None,
+        "nobody in the room received a line within 2 s: broadcast should write data to every"
+        " writer in writers",
+    )
     expect(
         not run.stalled,
         f"with a client that never reads, the others got only {run.delivered} of the"
@@ -958,7 +1019,7 @@ async def check_broadcast(broadcast: Callable[[set, bytes, int], object]) -> str
         f"a client that never read was still in the room after {run.sent} lines: drop a"
         f" client once its transport holds more than sendq ({sendq}) bytes",
     )
-    return _passed("broadcast", 3)
+    return _passed("broadcast", 6)
 
 
 def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:

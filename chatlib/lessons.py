@@ -62,6 +62,7 @@ __all__ = [
     "check_recv_exactly",
     "check_ring",
     "check_safe_clients",
+    "check_send_queued",
     "check_threads_for",
     "exercise_check",
     "expect",
@@ -1019,7 +1020,88 @@ async def check_broadcast(broadcast: Callable[[set, bytes, int], object]) -> str
         f"a client that never read was still in the room after {run.sent} lines: drop a"
         f" client once its transport holds more than sendq ({sendq}) bytes",
     )
-    return _passed("broadcast", 6)
+    return _passed("broadcast", 7)
+
+
+@contextlib.asynccontextmanager
+async def _loopback_streams() -> AsyncIterator[tuple[asyncio.StreamWriter, asyncio.StreamReader]]:
+    """Yield a writer and the reader at the other end of one TCP connection on 127.0.0.1.
+
+    The kernel's buffers are small on both ends, so that a backlog of a
+    few hundred kilobytes stays in the writer's transport if nobody reads.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    _, writer = await asyncio.open_connection(sock=ours)
+    reader, peer_writer = await asyncio.open_connection(sock=peer)
+    try:
+        yield writer, reader
+    finally:
+        writer.transport.abort()
+        peer_writer.transport.abort()
+
+
+@exercise_check("send_queued")
+async def check_send_queued(
+    send_queued: Callable[[asyncio.StreamWriter, asyncio.Queue], Awaitable[None]],
+) -> str:
+    """Check lesson 06's ``send_queued(writer, queue)`` on real connections.
+
+    It must write the queued lines in order, close the connection on
+    ``None`` (the peer reads everything, then the end of the stream), and
+    wait with ``drain()``: with a peer that never reads it must not take
+    the whole queue at once.
+    """
+    async with _loopback_streams() as (writer, reader):
+        queue: asyncio.Queue = asyncio.Queue()
+        for line in (b"one\n", b"two\n"):
+            queue.put_nowait(line)
+        sending = asyncio.create_task(send_queued(writer, queue))
+        await asyncio.sleep(0)  # it takes what is queued, then waits for more
+        if sending.done():
+            sending.result()  # what it raised, the decorator reports
+            raise CheckFailed("send_queued returned before it was given None")
+        for item in (b"three\n", None):
+            queue.put_nowait(item)
+        try:
+            received = await asyncio.wait_for(reader.read(), 5)  # up to the end of the stream
+        except TimeoutError:
+            received = None
+        finally:
+            await asyncio.wait([sending], timeout=5)
+            sending.cancel()  # if it is still running: the checks below say so
+        if sending.done() and not sending.cancelled():
+            sending.result()  # what it raised, the decorator reports
+        expect(
+            received is not None,
+            "after None the other end did not see the connection close within 5 s: on None,"
+            " close the writer (writer.close(), then await writer.wait_closed()) and return",
+        )
+        expect(
+            received == b"one\ntwo\nthree\n",
+            f"the other end received {received!r}, not b'one\\ntwo\\nthree\\n'",
+        )
+        expect(not sending.cancelled(), "send_queued did not return after it closed the connection")
+    async with _loopback_streams() as (writer, _):
+        queue = asyncio.Queue()
+        for _ in range(8):
+            queue.put_nowait(b"x" * (256 * 1024))
+        sending = asyncio.create_task(send_queued(writer, queue))
+        for _ in range(10):
+            await asyncio.sleep(0)  # turns of the loop, for it to take what it will
+        taken = 8 - queue.qsize()
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        expect(
+            taken <= 2,
+            f"with a peer that never reads, send_queued took {taken} of 8 items of 256 KB at"
+            " once: after each write, await writer.drain(), so that it waits for this client",
+        )
+    return _passed("send_queued", 4)
 
 
 def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:

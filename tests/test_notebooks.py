@@ -332,6 +332,14 @@ def _broadcast_to_everyone(writers, data, sendq):
         writer.write(data)
 
 
+async def _send_queued_without_drain(writer, queue):
+    # Writes without waiting: a client that never reads gets the whole queue in memory.
+    while (data := await queue.get()) is not None:
+        writer.write(data)
+    writer.close()
+    await writer.wait_closed()
+
+
 @pytest.mark.parametrize(
     ("check", "wrong"),
     [
@@ -350,6 +358,7 @@ def _broadcast_to_everyone(writers, data, sendq):
         ("check_recent_from_file", _oldest_from_file),
         ("check_ask", _ask_first_line),
         ("check_broadcast", _broadcast_to_everyone),
+        ("check_send_queued", _send_queued_without_drain),
     ],
 )
 def test_exercise_checks_reject_wrong_answers(check, wrong):

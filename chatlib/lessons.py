@@ -17,6 +17,7 @@ Framing and sanitising come from :mod:`chatlib.protocol`, as everywhere else.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -28,13 +29,23 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from chatlib import aio_client
 from chatlib.chat import Chat, Limits
-from chatlib.protocol import CLIENT_MAX_LINE, READ_SIZE, LineFramer, encode_line
+from chatlib.protocol import (
+    CLIENT_MAX_LINE,
+    READ_SIZE,
+    LineFramer,
+    encode_line,
+    format_notice,
+    parse_notice,
+    sanitize,
+)
 from chatlib.server import create_server
 from chatlib.sqlite_history import SQLiteHistory
 
@@ -43,8 +54,11 @@ __all__ = [
     "CheckFailed",
     "LineClient",
     "NaiveChatServer",
+    "StuckClientRun",
+    "check_ask",
     "check_audience",
     "check_bounded_queue",
+    "check_broadcast",
     "check_choose_name",
     "check_echo_task",
     "check_lines_before_drop",
@@ -54,12 +68,14 @@ __all__ = [
     "check_recv_exactly",
     "check_ring",
     "check_safe_clients",
+    "check_send_queued",
     "check_send_some",
     "check_serve_client",
     "check_who_is_online",
     "exercise_check",
     "expect",
     "send_in_background",
+    "talk_past_stuck_client",
     "threads_named",
     "wait_until",
 ]
@@ -1074,6 +1090,405 @@ def check_echo_task(echo_task: Callable[[socket.socket], object]) -> str:
         expect(finished, "after the client ended its side, echo_task should return")
         expect(closed, "echo_task should close its socket before it returns")
     return _passed("echo_task", len(cases) * 3)
+
+
+# --- Lesson 06: the asyncio rewrite --------------------------------------------
+#
+# The lesson measures a chat with one client that never reads, three times
+# (the naive broadcast, the fixed one, chatlib's engine), and the broadcast
+# exercise's check measures the learner's the same way: one helper does it.
+
+
+@dataclass
+class StuckClientRun:
+    """What a healthy client received while another never read.
+
+    :func:`talk_past_stuck_client` measures it.
+    """
+
+    #: When each of the talker's lines reached the listener, in seconds from the first.
+    arrivals: list[float]
+    #: How many lines the talker sent.
+    sent: int
+    #: Whether a batch failed to reach the listener within the patience.
+    stalled: bool
+    #: Whether the listener was told that the stuck client left.
+    stuck_left: bool
+
+    @property
+    def delivered(self) -> int:
+        """Return how many of the talker's lines reached the listener."""
+        return len(self.arrivals)
+
+
+async def talk_past_stuck_client(
+    address: tuple[str, int],
+    *,
+    lines: int = 20_000,
+    batch: int = 100,
+    line_size: int = 400,
+    patience: float = 2.0,
+) -> StuckClientRun:
+    """Talk through a chat server while one client never reads; time what another hears.
+
+    Three clients connect: a listener, which reads and timestamps every
+    line; a talker, which sends *lines* lines of *line_size* bytes in
+    batches of *batch* (and reads its own lines back, so that it is no slow
+    client itself); and a stuck :class:`LineClient` with a small
+    ``SO_RCVBUF``, which says one line and never reads. The default sends
+    8 MB, about twice what the kernel's buffers take in for the stuck client
+    on loopback, so its backlog must end up in the server.
+
+    After each batch the talker waits at most *patience* seconds for the
+    listener to have all of it; if it does not, the chat has stalled and
+    the run ends. So a run takes at most a few seconds more than the
+    server needs to relay everything. Every client is closed on return.
+    """
+    loop = asyncio.get_running_loop()
+    listener_reader, listener_writer = await asyncio.open_connection(*address)
+    talker_reader, talker_writer = await asyncio.open_connection(*address)
+    stuck = LineClient(address, rcvbuf=4096)
+    heard: list[str] = []
+    arrivals: list[float] = []
+    changed = asyncio.Condition()
+    started = loop.time()
+
+    async def listen() -> None:
+        framer = LineFramer(CLIENT_MAX_LINE)
+        with contextlib.suppress(ConnectionError):
+            while data := await listener_reader.read(READ_SIZE):
+                framer.feed(data)
+                now = loop.time() - started
+                async with changed:
+                    while (line := framer.next_line()) is not None:
+                        heard.append(line)
+                        if "> talk " in line:
+                            arrivals.append(now)
+                    changed.notify_all()
+
+    async def discard_own_lines() -> None:
+        with contextlib.suppress(ConnectionError):
+            while await talker_reader.read(READ_SIZE):
+                pass
+
+    async def listener_has(condition: Callable[[], bool]) -> bool:
+        async def wait() -> None:
+            async with changed:
+                await changed.wait_for(condition)
+
+        try:
+            await asyncio.wait_for(wait(), patience)
+        except TimeoutError:
+            return False
+        return True
+
+    tasks = [asyncio.create_task(listen()), asyncio.create_task(discard_own_lines())]
+    sent = 0
+    stalled = False
+    try:
+        # Once the listener hears the stuck client, the server has it in the room.
+        stuck.send_line("stuck here")
+        if not await listener_has(lambda: any(line.endswith("> stuck here") for line in heard)):
+            raise TimeoutError(f"the server at {address} never relayed a line")
+        started = loop.time()
+        while sent < lines and not stalled:
+            count = min(batch, lines - sent)
+            talker_writer.write(
+                b"".join(
+                    encode_line(f"talk {sent + n:06d} ".ljust(line_size - 1, "."))
+                    for n in range(count)
+                )
+            )
+            sent += count
+            try:
+                await asyncio.wait_for(talker_writer.drain(), patience)
+            except TimeoutError:
+                stalled = True
+                break
+            stalled = not await listener_has(lambda sent=sent: len(arrivals) >= sent)
+        stuck_name = next(line for line in heard if line.endswith("> stuck here"))[1:-12]
+        stuck_left = any(
+            parse_notice(line.removeprefix("*** ")) == ("left", {"name": stuck_name})
+            for line in heard
+        )
+        return StuckClientRun(list(arrivals), sent, stalled, stuck_left)
+    finally:
+        stuck.close()
+        for writer in (talker_writer, listener_writer):
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@exercise_check("ask")
+async def check_ask(ask: Callable[[tuple[str, int], str, str], Awaitable[str]]) -> str:
+    """Check lesson 06's ``ask(address, name, text)`` against chatlib's asyncio engine.
+
+    A witness in the room must hear each asker's line, and then hear the
+    asker leave: ``ask`` closes its client before it returns.
+    """
+    from chatlib.engines.asyncio import ChatServer
+
+    cases = [("erin", "anyone?"), ("frank", "me too"), ("gina", "<b>bold</b> & plain")]
+    async with ChatServer("127.0.0.1", 0, limits=Limits(rate=0)) as server:
+        witness = await aio_client.connect(*server.address, name="witness")
+        try:
+            for name, text in cases:
+                try:
+                    got = await asyncio.wait_for(ask(server.address, name, text), 10)
+                except TimeoutError:
+                    raise CheckFailed(
+                        f"ask(address, {name!r}, {text!r}) did not return within 10 s"
+                    ) from None
+                expected = f"<{name}> {text}"
+                expect(
+                    got == expected,
+                    f"ask(address, {name!r}, {text!r}) should return {expected!r};"
+                    f" it returned {got!r}",
+                )
+                left = f"*** {format_notice('left', name=name, reason='')}"
+                expect(
+                    await _hears(witness, left, 5),
+                    f"after ask(address, {name!r}, ...) returned, {name} was still connected:"
+                    " close the client before returning",
+                )
+        finally:
+            await witness.close()
+    return _passed("ask", 2 * len(cases))
+
+
+async def _hears(client: aio_client.AsyncChatClient, expected: str, timeout: float) -> bool:
+    """Return whether *client* receives the line *expected* within *timeout* seconds."""
+
+    async def read() -> bool:
+        while (line := await client.receive_line()) is not None:
+            if line == expected:
+                return True
+        return False
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        return False
+
+
+class _BroadcastRoom:
+    """The lesson's chat room, saying everything with the learner's ``broadcast``.
+
+    What the learner's code raises is kept in :attr:`errors` for the check
+    to report: raised in a client's handler, it would only be logged.
+    """
+
+    def __init__(self, broadcast: Callable[[set, bytes, int], object], sendq: int) -> None:
+        self.broadcast = broadcast
+        self.sendq = sendq
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.errors: list[Exception] = []
+        self._names = itertools.count(1)
+
+    def say(self, text: str) -> None:
+        try:
+            self.broadcast(self.writers, encode_line(text), self.sendq)
+        except Exception as error:  # the learner's, reported by the check
+            self.errors.append(error)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        name = f"guest{next(self._names)}"
+        self.writers.add(writer)
+        self.say(f"*** {format_notice('joined', name=name)}")
+        try:
+            while raw := await reader.readline():
+                self.say(f"<{name}> {_decode_line(raw)}")
+        except (ConnectionError, ValueError):  # reset, or a line past the limit
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+            self.say(f"*** {format_notice('left', name=name, reason='')}")
+
+    def close(self) -> None:
+        for writer in list(self.writers):
+            writer.transport.abort()
+
+
+def _decode_line(raw: bytes) -> str:
+    """Return one line as ``readline()`` gave it, decoded and safe to show."""
+    return sanitize(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+
+
+@contextlib.asynccontextmanager
+async def _backlogged_writer(backlog: int) -> AsyncIterator[asyncio.StreamWriter]:
+    """Yield a stream writer on 127.0.0.1 whose peer never reads, *backlog* bytes behind.
+
+    Small kernel buffers on both ends keep nearly all of the backlog in the
+    transport, where ``get_write_buffer_size()`` counts it.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    _, writer = await asyncio.open_connection(sock=ours)
+    writer.write(b"x" * backlog)
+    try:
+        yield writer
+    finally:
+        writer.transport.abort()
+        peer.close()
+
+
+@exercise_check("broadcast")
+async def check_broadcast(broadcast: Callable[[set, bytes, int], object]) -> str:
+    """Check lesson 06's ``broadcast(writers, data, sendq)`` in a real server.
+
+    A room that says everything through it serves three clients, one of
+    which never reads (:func:`talk_past_stuck_client`): the others must get
+    every line without a stall, and the stuck one must be dropped.
+    """
+    expect(
+        not inspect.iscoroutinefunction(broadcast),
+        "broadcast should be a plain function (def, not async def): it must never wait",
+    )
+    sendq = 256 * 1024
+    nobody: set[asyncio.StreamWriter] = set()
+    broadcast(nobody, b"hello\n", sendq)  # an empty room: nothing to do, nothing to fail
+    async with _backlogged_writer(sendq) as behind:
+        size = behind.transport.get_write_buffer_size()
+        writers = {behind}
+        broadcast(writers, b"hello\n", 2 * size)
+        expect(
+            writers == {behind} and not behind.transport.is_closing(),
+            f"a writer {size} bytes behind was dropped although sendq was {2 * size}:"
+            " drop only a writer more than sendq bytes behind",
+        )
+        expect(
+            behind.transport.get_write_buffer_size() == size + len(b"hello\n"),
+            "broadcast should write data to a writer that is not too far behind",
+        )
+        broadcast(writers, b"hello\n", size // 2)
+        expect(
+            not writers and behind.transport.is_closing(),
+            f"a writer {size} bytes behind should be aborted and removed from writers when"
+            f" sendq is {size // 2}; writers still holds {len(writers)}, and its transport"
+            f" is {'closing' if behind.transport.is_closing() else 'open'}",
+        )
+    room = _BroadcastRoom(broadcast, sendq)
+    server = await asyncio.start_server(room.handle, "127.0.0.1", 0, limit=Limits().max_line + 2)
+    try:
+        run = await talk_past_stuck_client(server.sockets[0].getsockname()[:2])
+    except TimeoutError:
+        run = None
+    finally:
+        server.close()
+        room.close()
+        await server.wait_closed()
+    if room.errors:
+        raise room.errors[0]
+    expect(
+        run is not None,
+        "nobody in the room received a line within 2 s: broadcast should write data to every"
+        " writer in writers",
+    )
+    expect(
+        not run.stalled,
+        f"with a client that never reads, the others got only {run.delivered} of the"
+        f" {run.sent} lines sent, then nothing for 2 s: the broadcast stalled",
+    )
+    expect(
+        run.delivered == run.sent,
+        f"a client that reads got {run.delivered} of the {run.sent} lines sent",
+    )
+    expect(
+        run.stuck_left,
+        f"a client that never read was still in the room after {run.sent} lines: drop a"
+        f" client once its transport holds more than sendq ({sendq}) bytes",
+    )
+    return _passed("broadcast", 7)
+
+
+@contextlib.asynccontextmanager
+async def _loopback_streams() -> AsyncIterator[tuple[asyncio.StreamWriter, asyncio.StreamReader]]:
+    """Yield a writer and the reader at the other end of one TCP connection on 127.0.0.1.
+
+    The kernel's buffers are small on both ends, so that a backlog of a
+    few hundred kilobytes stays in the writer's transport if nobody reads.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    _, writer = await asyncio.open_connection(sock=ours)
+    reader, peer_writer = await asyncio.open_connection(sock=peer)
+    try:
+        yield writer, reader
+    finally:
+        writer.transport.abort()
+        peer_writer.transport.abort()
+
+
+@exercise_check("send_queued")
+async def check_send_queued(
+    send_queued: Callable[[asyncio.StreamWriter, asyncio.Queue], Awaitable[None]],
+) -> str:
+    """Check lesson 06's ``send_queued(writer, queue)`` on real connections.
+
+    It must write the queued lines in order, close the connection on
+    ``None`` (the peer reads everything, then the end of the stream), and
+    wait with ``drain()``: with a peer that never reads it must not take
+    the whole queue at once.
+    """
+    async with _loopback_streams() as (writer, reader):
+        queue: asyncio.Queue = asyncio.Queue()
+        for line in (b"one\n", b"two\n"):
+            queue.put_nowait(line)
+        sending = asyncio.create_task(send_queued(writer, queue))
+        await asyncio.sleep(0)  # it takes what is queued, then waits for more
+        if sending.done():
+            sending.result()  # what it raised, the decorator reports
+            raise CheckFailed("send_queued returned before it was given None")
+        for item in (b"three\n", None):
+            queue.put_nowait(item)
+        try:
+            received = await asyncio.wait_for(reader.read(), 5)  # up to the end of the stream
+        except TimeoutError:
+            received = None
+        finally:
+            await asyncio.wait([sending], timeout=5)
+            sending.cancel()  # if it is still running: the checks below say so
+        if sending.done() and not sending.cancelled():
+            sending.result()  # what it raised, the decorator reports
+        expect(
+            received is not None,
+            "after None the other end did not see the connection close within 5 s: on None,"
+            " close the writer (writer.close(), then await writer.wait_closed()) and return",
+        )
+        expect(
+            received == b"one\ntwo\nthree\n",
+            f"the other end received {received!r}, not b'one\\ntwo\\nthree\\n'",
+        )
+        expect(not sending.cancelled(), "send_queued did not return after it closed the connection")
+    async with _loopback_streams() as (writer, _):
+        queue = asyncio.Queue()
+        for _ in range(8):
+            queue.put_nowait(b"x" * (256 * 1024))
+        sending = asyncio.create_task(send_queued(writer, queue))
+        for _ in range(10):
+            await asyncio.sleep(0)  # turns of the loop, for it to take what it will
+        taken = 8 - queue.qsize()
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        expect(
+            taken <= 2,
+            f"with a peer that never reads, send_queued took {taken} of 8 items of 256 KB at"
+            " once: after each write, await writer.drain(), so that it waits for this client",
+        )
+    return _passed("send_queued", 4)
 
 
 def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:

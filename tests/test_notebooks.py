@@ -8,7 +8,9 @@ checks the course map in notebook 00 and the README).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import re
 import sqlite3
@@ -372,6 +374,32 @@ def _echo_dropping_the_rest(sock):
     sock.close()
 
 
+async def _ask_first_line(address, name, text):
+    # Returns the first line that comes, the server's welcome, not the relay.
+    from chatlib import aio_client
+
+    client = await aio_client.connect(*address, name=name)
+    try:
+        await client.send(text)
+        return await client.receive_line()
+    finally:
+        await client.close()
+
+
+def _broadcast_to_everyone(writers, data, sendq):
+    # Never waits, but never drops anyone either: a stuck client's backlog grows for ever.
+    for writer in writers:
+        writer.write(data)
+
+
+async def _send_queued_without_drain(writer, queue):
+    # Writes without waiting: a client that never reads gets the whole queue in memory.
+    while (data := await queue.get()) is not None:
+        writer.write(data)
+    writer.close()
+    await writer.wait_closed()
+
+
 @pytest.mark.parametrize(
     ("check", "wrong"),
     [
@@ -392,9 +420,14 @@ def _echo_dropping_the_rest(sock):
         ),
         ("check_ring", _UnboundedRing),
         ("check_recent_from_file", _oldest_from_file),
+        ("check_ask", _ask_first_line),
+        ("check_broadcast", _broadcast_to_everyone),
+        ("check_send_queued", _send_queued_without_drain),
     ],
 )
 def test_exercise_checks_reject_wrong_answers(check, wrong):
     lessons = pytest.importorskip("chatlib.lessons")
     with pytest.raises(AssertionError):
-        getattr(lessons, check)(wrong)
+        result = getattr(lessons, check)(wrong)
+        if inspect.iscoroutine(result):  # an async check, for an async exercise
+            asyncio.run(result)

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from chatlib.chat import Chat, Limits
+from chatlib.chat import Chat, Limits, State
 from chatlib.protocol import CLIENT_MAX_LINE, READ_SIZE, LineFramer, encode_line
 from chatlib.sqlite_history import SQLiteHistory
 
@@ -41,7 +41,7 @@ __all__ = [
     "NaiveChatServer",
     "check_audience",
     "check_bounded_queue",
-    "check_lines_before_drop",
+    "check_broadcast",
     "check_read_lines",
     "check_read_to_end",
     "check_recent_from_file",
@@ -625,46 +625,143 @@ def check_safe_clients(make_clients: Callable[[], object]) -> str:
     return _passed("client list", 3)
 
 
-def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str:
-    """Check lesson 03's ``lines_before_drop(sendq, line_size)`` against a real Chat.
+class _SendQueue:
+    """A client's bounded send queue, as the check of lesson 03's broadcast drives it."""
 
-    The room is sans-I/O, so this needs no sockets: the engine of a client
-    that stops reading reports the first line as unsent, and the room
-    counts that and every line queued behind it until it drops the client.
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def put(self, data: bytes) -> bool:
+        if self._size + len(data) > self.cap:
+            return False
+        self._chunks.append(data)
+        self._size += len(data)
+        return True
+
+    def take(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
+
+def _lines_dropped_at(sendq: int, stops_reading: dict[str, int | None], lines: int) -> dict:
+    """Run a real Chat; return the line at which it dropped each client (``None``: never).
+
+    A talker says *lines* lines of 400 bytes. Each client in *stops_reading*
+    reads everything until the line it maps to, from which on its kernel
+    takes nothing more (``None``: it always reads). The chat is sans-I/O, so
+    this needs no sockets: the engine's part is played here, line by line.
     """
-    cases = [(1000, 100), (1024, 20), (64 * 1024, 500)]
-    for sendq, line_size in cases:
-        chat = Chat(Limits(sendq=sendq, rate=0, max_line=max(line_size, 512)))
-        stuck = chat.connect("stuck", 0.0)
-        talker = chat.connect("talker", 0.0)
-        chat.take_ready()
-        stuck.data_to_send()  # the welcome lines were written out
-        text = "x" * (line_size - len("<guest2> ") - 1)
-        sent = 0
-        while stuck.state.name == "OPEN" and sent <= sendq:
-            chat.receive_data(talker, encode_line(text), 0.0)
-            talker.data_to_send()
-            if sent == 0:  # the kernel takes none of it: the client has stopped reading
-                chat.data_unsent(stuck, len(stuck.data_to_send()))
-            sent += 1
-        got = lines_before_drop(sendq, line_size)
-        assert got == sent - 1, (
-            f"with sendq={sendq} and {line_size}-byte lines the room held {sent - 1} lines "
-            f"and dropped the client at line {sent}; lines_before_drop gave {got}"
+    chat = Chat(Limits(sendq=sendq, rate=0))
+    talker = chat.connect(("talker", 0), 0.0)
+    conns = {name: chat.connect((name, 0), 0.0) for name in stops_reading}
+    for conn in (talker, *conns.values()):
+        conn.data_to_send()  # the welcomes and joins, written out in full
+        chat.data_unsent(conn, 0)
+    refused = dict.fromkeys(conns, 0)
+    dropped_at: dict[str, int | None] = dict.fromkeys(conns)
+    for number in range(1, lines + 1):
+        chat.receive_data(talker, encode_line(_said(number)), 0.0)
+        talker.data_to_send()
+        chat.data_unsent(talker, 0)
+        for name, conn in conns.items():
+            if dropped_at[name] is not None:
+                continue
+            if conn.state is State.OPEN:
+                data = conn.data_to_send()
+                stops = stops_reading[name]
+                if stops is not None and number >= stops:
+                    refused[name] += len(data)  # the kernel takes none of it
+                chat.data_unsent(conn, refused[name])
+            if conn.state is not State.OPEN:
+                dropped_at[name] = number
+    return dropped_at
+
+
+def _said(number: int) -> str:
+    return f"line {number} ".ljust(400, ".")
+
+
+@exercise_check("broadcast")
+def check_broadcast(broadcast: Callable[[dict[str, object], bytes], list[str]]) -> str:
+    """Check lesson 03's ``broadcast(queues, data)`` against a real Chat's drops.
+
+    Each client gets a queue capped at the chat's ``sendq``; a client that
+    reads has its queue emptied after every broadcast, as its writer would.
+    The clients ``broadcast`` drops, and the line it drops them at, must be
+    those of a real :class:`~chatlib.chat.Chat` with the same limit.
+    """
+    cases = [
+        (4096, {"alice": None, "bob": None}),
+        (4096, {"alice": None, "stuck": 1, "bob": None}),
+        (10_000, {"slow": 5, "alice": None, "stuck": 1}),
+        (4096, {"stuck": 1, "alice": None, "frozen": 1}),
+    ]
+    lines = 40
+    for sendq, stops_reading in cases:
+        expected = _lines_dropped_at(sendq, stops_reading, lines)
+        queues = {name: _SendQueue(sendq) for name in stops_reading}
+        got: dict[str, int | None] = dict.fromkeys(stops_reading)
+        for number in range(1, lines + 1):
+            data = encode_line(f"<guest1> {_said(number)}")  # as the chat relays it
+            before = list(queues)
+            dropped = broadcast(queues, data)
+            expect(
+                isinstance(dropped, list),
+                f"broadcast should return the list of names it dropped; it gave {dropped!r}",
+            )
+            gone = [name for name in before if name not in queues]
+            expect(
+                dropped == gone,
+                f"at line {number}, broadcast removed {gone} from the queues but returned"
+                f" {dropped!r}: return the names dropped, in the queues' order",
+            )
+            for name in dropped:
+                got[name] = number
+            for name, queue in queues.items():
+                stops = stops_reading[name]
+                if stops is None or number < stops:
+                    queue.take()  # its writer sent it all
+        readers = [name for name, stops in stops_reading.items() if stops is None]
+        expect(
+            got == expected,
+            f"with sendq={sendq}, the real chat drops {_drops_in_words(expected)};"
+            f" your broadcast dropped {_drops_in_words(got)} (clients that read: {readers})",
         )
-    return _passed("lines_before_drop", len(cases))
+    return _passed("broadcast", len(cases))
 
 
+def _drops_in_words(dropped_at: dict[str, int | None]) -> str:
+    drops = [f"{name} at line {line}" for name, line in dropped_at.items() if line is not None]
+    return ", ".join(drops) or "nobody"
+
+
+@exercise_check("BoundedQueue")
 def check_bounded_queue(make_queue: Callable[[int], object]) -> str:
     """Check lesson 03's ``BoundedQueue(cap)``: ``put(data) -> bool`` and ``take() -> bytes``."""
     queue = make_queue(10)
-    assert queue.put(b"hello") is True, "put() should accept data that fits"
-    assert queue.put(b"world") is True, "10 bytes fit in a cap of 10"
-    assert queue.take() == b"helloworld", "take() returns everything queued, in order"
-    assert queue.take() == b"", "take() empties the queue"
-    assert queue.put(b"12345678") is True
-    assert queue.put(b"123") is False, "put() refuses data that would pass the cap"
-    return _passed("BoundedQueue", 6)
+    expect(queue.put(b"hello") is True, "put(b'hello') into an empty queue of 10 should give True")
+    expect(queue.put(b"world") is True, "then put(b'world') should give True: 10 bytes fit in 10")
+    got = queue.take()
+    expect(
+        got == b"helloworld",
+        f"take() should give b'helloworld', all of it in order; it gave {got!r}",
+    )
+    got = queue.take()
+    expect(got == b"", f"take() should empty the queue: a second take() gave {got!r}, not b''")
+    expect(queue.put(b"12345678") is True, "after take(), put(b'12345678') should fit again")
+    got = queue.put(b"123")
+    expect(
+        got is False,
+        f"with 8 bytes queued, put(b'123') would pass the cap of 10: it should give False,"
+        f" not {got!r}",
+    )
+    got = queue.take()
+    expect(got == b"12345678", f"a refused put() must add nothing: take() gave {got!r}")
+    return _passed("BoundedQueue", 7)
 
 
 def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:

@@ -312,6 +312,15 @@ def _lines_without_last(sock):
     return data.decode().split("\n")[:-1]
 
 
+def _drop_while_looping(queues, data):
+    dropped = []
+    for name, queue in queues.items():
+        if not queue.put(data):
+            del queues[name]  # changes the dict under the loop
+            dropped.append(name)
+    return dropped
+
+
 @pytest.mark.parametrize(
     ("check", "wrong"),
     [
@@ -319,8 +328,8 @@ def _lines_without_last(sock):
         ("check_recv_exactly", _recv_once),
         ("check_threads_for", lambda n: n + 1),
         ("check_safe_clients", _SharedDict),
-        ("check_lines_before_drop", lambda sendq, line_size: sendq // line_size + 1),
         ("check_bounded_queue", _NeverFull),
+        ("check_broadcast", _drop_while_looping),
         ("check_read_to_end", _lines_without_last),
         (
             "check_audience",

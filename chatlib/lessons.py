@@ -22,6 +22,7 @@ import functools
 import inspect
 import itertools
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -42,6 +43,8 @@ __all__ = [
     "check_audience",
     "check_bounded_queue",
     "check_broadcast",
+    "check_door",
+    "check_how_it_ended",
     "check_read_lines",
     "check_read_to_end",
     "check_recent_from_file",
@@ -764,12 +767,14 @@ def check_bounded_queue(make_queue: Callable[[int], object]) -> str:
     return _passed("BoundedQueue", 7)
 
 
+@exercise_check("read_to_end")
 def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:
     """Check lesson 04's ``read_to_end(sock)``: every line until EOF, the last unterminated."""
     cases = [
         ([b"one\ntw", b"o\n"], ["one", "two"]),
         ([b"bye\nlast words"], ["bye", "last words"]),
         ([b"\x1b[2Jboo\n"], ["^[[2Jboo"]),
+        ([], []),
     ]
     for chunks, expected in cases:
         a, b = socket.socketpair()
@@ -782,8 +787,109 @@ def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:
         finally:
             a.close()
             b.close()
-        assert got == expected, f"after {chunks!r} and EOF: {got!r}, not {expected!r}"
+        expect(
+            got == expected,
+            f"when the peer sends {chunks!r} and then closes its side, read_to_end should give"
+            f" {expected!r}; it gave {got!r}",
+        )
     return _passed("read_to_end", len(cases))
+
+
+@exercise_check("how_it_ended")
+def check_how_it_ended(how_it_ended: Callable[[socket.socket], str]) -> str:
+    """Check lesson 04's ``how_it_ended(sock)`` on real TCP connections that end four ways.
+
+    The peer closes, resets (``SO_LINGER`` 0), or half-closes and stays
+    connected, after sending nothing or 100 KB, more than one ``recv()``
+    returns. A reader that waits beyond the end meets a 5 s timeout.
+    """
+    lots = b"x" * 100_000
+    cases = [
+        ("closes after sending 100 KB", lots, "close", "goodbye"),
+        ("resets without sending anything", b"", "reset", "reset"),
+        ("resets after sending 100 KB", lots, "reset", "reset"),
+        (
+            "half-closes (shutdown SHUT_WR) after 100 KB, and stays connected",
+            lots,
+            "half",
+            "goodbye",
+        ),
+    ]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for what, data, ending, expected in cases:
+            peer = socket.create_connection(listener.getsockname(), timeout=5)
+            mine, _ = listener.accept()
+            mine.settimeout(5)
+            try:
+                # Sent from a thread: 100 KB may not fit the buffers before mine reads.
+                sender = send_in_background(peer, data)
+                sender.join(5)
+                if ending == "reset":
+                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    peer.close()
+                elif ending == "close":
+                    peer.close()
+                else:
+                    peer.shutdown(socket.SHUT_WR)
+                try:
+                    got = how_it_ended(mine)
+                except TimeoutError:
+                    raise CheckFailed(
+                        f"when the peer {what}, how_it_ended was still waiting 5 s later:"
+                        " stop once recv() says the connection has ended"
+                    ) from None
+            finally:
+                peer.close()
+                mine.close()
+            expect(
+                got == expected,
+                f"when the peer {what}, how_it_ended should say {expected!r}; it said {got!r}",
+            )
+    return _passed("how_it_ended", len(cases))
+
+
+@exercise_check("Door")
+def check_door(make_door: Callable[[int], object]) -> str:
+    """Check lesson 04's ``Door(max_per_address)`` against a real Chat's door.
+
+    The same arrivals and departures go to a :class:`~chatlib.chat.Chat`
+    with that ``max_per_address`` (flood control off, so only the count
+    decides) and to the learner's door, which must admit and refuse alike.
+    """
+    a, b, c = "10.0.0.1", "10.0.0.2", "192.168.1.7"
+    # ("in", address) is a connection arriving; ("out", n) the n-th one admitted leaving.
+    script = [("in", a), ("in", a), ("in", a), ("in", b), ("out", 0), ("in", a), ("in", a)]
+    script += [("in", c), ("out", 1), ("out", 2), ("in", b), ("in", b), ("out", 3), ("in", a)]
+    cases = [2, 1, 3, 0]
+    steps = 0
+    for most in cases:
+        chat = Chat(Limits(max_per_address=most, rate=0))
+        door = make_door(most)
+        admitted: list[tuple[str, object]] = []
+        story: list[str] = []
+        for event, what in script:
+            if event == "out":
+                address, conn = admitted[what]
+                chat.connection_lost(conn)
+                door.leave(address)
+                story.append(f"admitted connection #{what + 1} (from {address}) leaves")
+                continue
+            conn = chat.connect((what, 40000 + len(story)), 0.0)
+            real = conn.state is State.OPEN
+            got = door.admit(what)
+            story.append(f"one from {what} arrives")
+            steps += 1
+            if real:
+                admitted.append((what, conn))
+            expect(
+                got is real,
+                f"with max_per_address={most}: "
+                + "; ".join(story)
+                + ". The real chat "
+                + ("lets it in" if real else "refuses it")
+                + f"; your door's admit gave {got!r}",
+            )
+    return _passed("Door", steps)
 
 
 def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:

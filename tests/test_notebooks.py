@@ -312,6 +312,25 @@ def _lines_without_last(sock):
     return data.decode().split("\n")[:-1]
 
 
+def _ended_by_first_recv(sock):
+    return "goodbye" if sock.recv(1024) == b"" else "reset"
+
+
+class _DoorThatNeverCountsOut:
+    def __init__(self, max_per_address):
+        self._most = max_per_address
+        self._inside = {}
+
+    def admit(self, address):
+        if self._most and self._inside.get(address, 0) >= self._most:
+            return False
+        self._inside[address] = self._inside.get(address, 0) + 1
+        return True
+
+    def leave(self, address):
+        pass  # forgets to count the connection out
+
+
 def _drop_while_looping(queues, data):
     dropped = []
     for name, queue in queues.items():
@@ -331,6 +350,8 @@ def _drop_while_looping(queues, data):
         ("check_bounded_queue", _NeverFull),
         ("check_broadcast", _drop_while_looping),
         ("check_read_to_end", _lines_without_last),
+        ("check_how_it_ended", _ended_by_first_recv),
+        ("check_door", _DoorThatNeverCountsOut),
         (
             "check_audience",
             lambda rooms, sender, line: {n for names in rooms.values() for n in names},

@@ -892,6 +892,7 @@ def check_door(make_door: Callable[[int], object]) -> str:
     return _passed("Door", steps)
 
 
+@exercise_check("audience")
 def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:
     """Check lesson 09's ``audience(rooms, sender, line)`` against a real Chat.
 
@@ -929,32 +930,49 @@ def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable
         chat.take_ready()
         heard = {name for name, conn in people.items() if conn.data_to_send()}
         got = audience({room: list(names) for room, names in rooms.items()}, sender, line)
-        got = set(got) if got is not None else None
-        assert got == heard, (
-            f"in {rooms}, when {sender} types {line!r}, {sorted(heard)} are sent something;"
-            f" audience gave {sorted(got) if got is not None else got}"
+        expect(
+            got is not None,
+            f"audience should return a set of names; when {sender} types {line!r} it gave None",
+        )
+        got = set(got)
+        expect(
+            got == heard,
+            f"in {rooms}, when {sender} types {line!r}, the real chat sends something to"
+            f" {sorted(heard)}; audience gave {sorted(got)}",
         )
     return _passed("audience", len(cases))
 
 
+@exercise_check("Ring")
 def check_ring(make_ring: Callable[[int], object]) -> str:
     """Check lesson 09's ``Ring(kept)``: ``add(line)`` and ``recent(count)``, oldest first."""
     ring = make_ring(3)
-    assert ring.recent(5) == [], "an empty ring has no recent lines"
+    got = ring.recent(5)
+    expect(got == [], f"an empty ring has no recent lines: recent(5) should give [], not {got!r}")
     for line in "abcde":
         ring.add(line)
-    assert ring.recent(2) == ["d", "e"], f"recent(2) gave {ring.recent(2)!r}, not ['d', 'e']"
-    assert ring.recent(3) == ["c", "d", "e"], "recent(3) gives the last 3, oldest first"
-    got = ring.recent(10)
-    assert got == ["c", "d", "e"], f"a ring of 3 keeps only the last 3; recent(10) gave {got!r}"
-    assert ring.recent(0) == [], f"recent(0) gave {ring.recent(0)!r}: mind that lines[-0:] is all"
+    cases = [
+        (2, ["d", "e"], "the last 2, oldest first"),
+        (3, ["c", "d", "e"], "the last 3, oldest first"),
+        (10, ["c", "d", "e"], "only the last 3: a ring of 3 keeps no more"),
+        (0, [], "nothing (mind that lines[-0:] is all of them)"),
+    ]
+    for count, expected, why in cases:
+        got = ring.recent(count)
+        expect(
+            got == expected,
+            f"after adding a, b, c, d, e to Ring(3), recent({count}) should give {expected!r},"
+            f" {why}; it gave {got!r}",
+        )
     one = make_ring(1)
     one.add("old")
     one.add("new")
-    assert one.recent(1) == ["new"], "a ring of 1 keeps the newest line"
-    return _passed("Ring", 6)
+    got = one.recent(1)
+    expect(got == ["new"], f"Ring(1) keeps the newest line: recent(1) gave {got!r}, not ['new']")
+    return _passed("Ring", len(cases) + 2)
 
 
+@exercise_check("recent_from_file")
 def check_recent_from_file(recent_from_file: Callable[[str, str, int], list[str]]) -> str:
     """Check lesson 09's ``recent_from_file(path, room, count)`` on a store made for it.
 
@@ -978,7 +996,9 @@ def check_recent_from_file(recent_from_file: Callable[[str, str, int], list[str]
         ]
         for room, count, expected in cases:
             got = recent_from_file(path, room, count)
-            assert got == expected, (
-                f"recent_from_file(path, {room!r}, {count}) gave {got!r}, not {expected!r}"
+            expect(
+                got == expected,
+                f"recent_from_file(path, {room!r}, {count}) should give {expected!r}; it gave"
+                f" {got!r}",
             )
     return _passed("recent_from_file", len(cases))

@@ -21,12 +21,16 @@ import contextlib
 import functools
 import inspect
 import itertools
+import math
+import os
 import socket
 import struct
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
+from html.parser import HTMLParser
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -43,8 +47,13 @@ __all__ = [
     "check_audience",
     "check_bounded_queue",
     "check_broadcast",
+    "check_classify",
     "check_door",
     "check_how_it_ended",
+    "check_line_html",
+    "check_lost_copies",
+    "check_measure",
+    "check_percentile",
     "check_read_lines",
     "check_read_to_end",
     "check_recent_from_file",
@@ -890,6 +899,279 @@ def check_door(make_door: Callable[[int], object]) -> str:
                 + f"; your door's admit gave {got!r}",
             )
     return _passed("Door", steps)
+
+
+def _panel_lines() -> list[str]:
+    """Return every line two clients of a real server received in a short chat.
+
+    alice and bob say things a panel must show as text (markup, a fake
+    notice), act, whisper, and get an error and the server's notices.
+    """
+    from chatlib.server import create_server
+
+    said = [
+        "hello <b>bob</b> & co",
+        "<img src=x onerror=alert(1)>",
+        "*** not really a notice",
+        "\"quoted\" and 'single'",
+        "/me waves <i>wildly</i>",
+        "/msg bob psst <script>alert(1)</script>",
+        "/nosuchcommand",
+    ]
+    with create_server("threads", "127.0.0.1", 0, limits=Limits(rate=0)) as server:
+        alice, bob = LineClient(server.address), LineClient(server.address)
+        with alice, bob:
+            for client, name in ((alice, "alice"), (bob, "bob")):
+                client.send_line(f"/nick {name}")
+                client.read_until(lambda line, name=name: line.endswith(f"known as {name}."))
+            for line in said:
+                alice.send_line(line)
+            alice.send_line("the end")
+            alice.read_until("<alice> the end")
+            bob.read_until("<alice> the end")
+            return list(dict.fromkeys(alice.received + bob.received))  # each line once
+
+
+@exercise_check("classify")
+def check_classify(classify: Callable[[str], tuple[str, str | None, str]]) -> str:
+    """Check lesson 07's ``classify(raw)`` against ``parse_server_line``, on real lines.
+
+    The lines come from a real server (see :func:`_panel_lines`), with one
+    the server never sends, which is ``"other"``.
+    """
+    from chatlib.protocol import parse_server_line
+
+    lines = [*_panel_lines(), "plain words, from nobody"]
+    for raw in lines:
+        line = parse_server_line(raw)
+        expected = (line.kind, line.name, line.text)
+        got = classify(raw)
+        expect(
+            got is not None and tuple(got) == expected,
+            f"the panel sorts {raw!r} as {expected!r}; classify gave {got!r}",
+        )
+    return _passed("classify", len(lines))
+
+
+class _Markup(HTMLParser):
+    """Collect the tags and the text a browser would make of some HTML."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+        self.ends: list[str] = []
+        self.text = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+    def handle_endtag(self, tag: str) -> None:
+        self.ends.append(tag)
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
+
+
+@exercise_check("line_html")
+def check_line_html(line_html: Callable[[str], str]) -> str:
+    """Check lesson 07's ``line_html(raw)`` on real lines, markup and all.
+
+    Each answer is parsed as a browser would: it must be one ``div``, with
+    the classes the panel gives the line's kind, whose text is the line
+    exactly as it came. No tag or attribute may come from the line itself.
+    """
+    from chatlib.protocol import parse_server_line
+    from chatlib.widget import LINE_CLASSES
+
+    lines = _panel_lines()
+    for raw in lines:
+        got = line_html(raw)
+        expect(isinstance(got, str), f"line_html({raw!r}) should give a str, not {got!r}")
+        page = _Markup()
+        page.feed(got)
+        page.close()
+        expect(
+            [tag for tag, _ in page.tags] == ["div"] and page.ends == ["div"],
+            f"line_html({raw!r}) should give one <div>...</div> and no other tag; in {got!r}"
+            f" a browser finds the tags {[tag for tag, _ in page.tags]}",
+        )
+        attrs = dict(page.tags[0][1])
+        wanted = {"chat-line", *LINE_CLASSES[parse_server_line(raw).kind].split()}
+        classes = set((attrs.get("class") or "").split())
+        expect(
+            list(attrs) == ["class"] and wanted <= classes,
+            f"the div for {raw!r} should have just a class attribute, with the classes"
+            f" {sorted(wanted)}; line_html gave {got!r}",
+        )
+        expect(
+            page.text == raw,
+            f"a browser should show {raw!r} exactly as it came; from {got!r} it shows"
+            f" {page.text!r}",
+        )
+    return _passed("line_html", len(lines))
+
+
+@exercise_check("percentile")
+def check_percentile(percentile: Callable[[list[float], float], float]) -> str:
+    """Check lesson 08's ``percentile(samples, fraction)``, the benchmark's definition.
+
+    The sample at index ``int(fraction * n)`` of the *n* samples sorted,
+    the last one if that is past the end, and NaN for no samples at all;
+    the caller's list must come back as it was.
+    """
+    hundred = [float(n) for n in range(100, 0, -1)]  # 100.0 down to 1.0
+    cases = [
+        ([5.0, 1.0, 4.0, 2.0, 3.0], 0.5, 3.0),
+        (hundred, 0.5, 51.0),
+        (hundred, 0.99, 100.0),
+        (hundred, 0.0, 1.0),
+        (hundred, 1.0, 100.0),
+        ([0.25, 9.0], 0.5, 9.0),
+        ([7.5], 0.99, 7.5),
+    ]
+    for samples, fraction, expected in cases:
+        before = list(samples)
+        got = percentile(samples, fraction)
+        shown = samples if len(samples) < 10 else "100.0, 99.0, ... 1.0"
+        expect(
+            got == expected,
+            f"percentile([{shown}], {fraction}) should give {expected}; it gave {got!r}",
+        )
+        expect(
+            samples == before,
+            "percentile changed the list it was given (sorted it in place?): sort a copy,"
+            " the caller may still need the samples in the order they came",
+        )
+    got = percentile([], 0.5)
+    expect(
+        isinstance(got, float) and math.isnan(got),
+        f"with no samples there is no percentile: percentile([], 0.5) should give"
+        f" float('nan'), not {got!r}",
+    )
+    return _passed("percentile", len(cases) + 1)
+
+
+def _chat_with_a_late_comer() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Chat on a real server, with one who comes late and one who leaves early.
+
+    Return what each sender said and what each client received, notices
+    and all: dave hears alice's first line, then hangs up; carol joins after
+    alice has spoken, and the server replays no history, so she never gets
+    alice's lines.
+    """
+    from chatlib.server import create_server
+
+    sent: dict[str, list[str]] = {"alice": ["hi", "hi", "anyone?"], "bob": ["yes", "me"]}
+    sent["carol"] = ["sorry I'm late"]
+
+    def join(name: str) -> LineClient:
+        client = LineClient(server.address)
+        client.send_line(f"/nick {name}")
+        client.read_until(lambda line: line.endswith(f" is now known as {name}."))
+        return client
+
+    def say(name: str, text: str, hearing: list[LineClient]) -> None:
+        clients[name].send_line(text)
+        for client in hearing:
+            client.read_until(f"<{name}> {text}")
+
+    limits = Limits(rate=0, history=0)
+    with create_server("threads", "127.0.0.1", 0, limits=limits) as server:
+        clients = {name: join(name) for name in ("alice", "bob", "dave")}
+        try:
+            say("alice", "hi", [clients["alice"], clients["bob"], clients["dave"]])
+            clients["dave"].close()
+            for text in sent["alice"][1:]:
+                say("alice", text, [clients["alice"], clients["bob"]])
+            clients["carol"] = join("carol")
+            everyone = [clients[name] for name in ("alice", "bob", "carol")]
+            for name in ("bob", "carol"):
+                for text in sent[name]:
+                    say(name, text, everyone)
+        finally:
+            for client in clients.values():
+                client.close()
+    return sent, {name: client.received for name, client in clients.items()}
+
+
+def _copies_lost(sent: dict[str, list[str]], received: dict[str, list[str]]) -> int:
+    said = Counter(f"<{name}> {text}" for name, texts in sent.items() for text in texts)
+    lost = 0
+    for lines in received.values():
+        got = Counter(lines)
+        lost += sum(max(0, count - got[line]) for line, count in said.items())
+    return lost
+
+
+@exercise_check("lost_copies")
+def check_lost_copies(lost_copies: Callable[[dict, dict], int]) -> str:
+    """Check lesson 08's ``lost_copies(sent, received)`` on a real chat and two made up."""
+    sent, received = _chat_with_a_late_comer()
+    heard = ", ".join(
+        f"{name} {sum(line.startswith('<') for line in lines)}" for name, lines in received.items()
+    )
+    cases = [
+        (
+            f"in a real chat, {sent} was said; carol came late and dave left early, and"
+            f" the chat lines each received (with notices besides) were: {heard}.",
+            sent,
+            received,
+        ),
+        (
+            "alice said hi twice, and bob got it once.",
+            {"alice": ["hi", "hi"]},
+            {"alice": ["<alice> hi", "<alice> hi"], "bob": ["*** alice joined.", "<alice> hi"]},
+        ),
+        ("nobody said anything.", {}, {"alice": ["*** Welcome to chatlib, alice!"]}),
+    ]
+    for what, sent, received in cases:
+        expected = _copies_lost(sent, received)
+        got = lost_copies(sent, received)
+        expect(
+            got == expected,
+            f"{what} So {expected} copies never arrived; lost_copies gave {got!r}",
+        )
+    return _passed("lost_copies", len(cases))
+
+
+def _live_children() -> set[int]:
+    """Return the ids of this process's children that still run (Linux only)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (command) state ppid ...; the command may hold spaces.
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == os.getpid() and state != "Z":
+                children.add(int(stat.parent.name))
+    return children
+
+
+@exercise_check("measure")
+def check_measure(measure: Callable[[str, int], object]) -> str:
+    """Check lesson 08's ``measure(name, clients)`` by running it: 60 clients on selectors."""
+    from chatlib.bench import FanoutResult
+
+    before = _live_children()
+    result = measure("selectors", 60)
+    expect(
+        isinstance(result, FanoutResult),
+        f"measure should return what run_fanout returned, a FanoutResult; it gave {result!r}",
+    )
+    got = (result.server, result.clients, result.senders, result.mode)
+    expect(
+        got == ("selectors", 60, 5, "typing"),
+        "measure('selectors', 60) should run a typing fan-out (one line in flight per sender)"
+        f" of 60 clients, 5 of them typing, on selectors; it ran {result.mode} with"
+        f" {result.clients} clients, {result.senders} typing, on {result.server}",
+    )
+    expect(result.lost == 0, f"{result.lost} copies were lost: that is a bug somewhere")
+    left = _live_children() - before
+    expect(
+        not left,
+        f"the server's process (pid {sorted(left)}) still runs: stop the server before"
+        " returning (a with block does it)",
+    )
+    return _passed("measure", 4)
 
 
 @exercise_check("audience")

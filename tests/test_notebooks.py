@@ -331,6 +331,48 @@ class _DoorThatNeverCountsOut:
         pass  # forgets to count the connection out
 
 
+def _classify_stars_first(raw):
+    # "*" is tried before "*** ", so every notice comes out as a private message.
+    for prefix, kind, name_ends in [
+        ("<", "message", "> "),
+        ("-> *", "private-sent", "* "),
+        ("*", "private", "* "),
+        ("*** ", "notice", None),
+        ("* ", "action", " "),
+        ("!!! ", "error", None),
+    ]:
+        if raw.startswith(prefix):
+            rest = raw[len(prefix) :]
+            if name_ends is None:
+                return kind, None, rest
+            name, _, text = rest.partition(name_ends)
+            return kind, name, text
+    return "other", None, raw
+
+
+def _line_html_unescaped(raw):
+    from chatlib.protocol import parse_server_line
+    from chatlib.widget import LINE_CLASSES
+
+    return f'<div class="chat-line {LINE_CLASSES[parse_server_line(raw).kind]}">{raw}</div>'
+
+
+def _percentile_past_the_end(samples, fraction):
+    return sorted(samples)[int(fraction * len(samples))]
+
+
+def _lost_by_counting_lines(sent, received):
+    said = sum(len(texts) for texts in sent.values())
+    return said * len(received) - sum(len(lines) for lines in received.values())
+
+
+def _measure_pipelined(name, clients):
+    from chatlib.bench import run_fanout, start_server
+
+    with start_server(name) as server:
+        return run_fanout(server, clients=clients, senders=5, window=16, duration=0.2, warmup=0.1)
+
+
 def _drop_while_looping(queues, data):
     dropped = []
     for name, queue in queues.items():
@@ -352,6 +394,11 @@ def _drop_while_looping(queues, data):
         ("check_read_to_end", _lines_without_last),
         ("check_how_it_ended", _ended_by_first_recv),
         ("check_door", _DoorThatNeverCountsOut),
+        ("check_classify", _classify_stars_first),
+        ("check_line_html", _line_html_unescaped),
+        ("check_percentile", _percentile_past_the_end),
+        ("check_lost_copies", _lost_by_counting_lines),
+        ("check_measure", _measure_pipelined),
         (
             "check_audience",
             lambda rooms, sender, line: {n for names in rooms.values() for n in names},

@@ -23,20 +23,25 @@ import functools
 import inspect
 import io
 import itertools
+import math
+import os
 import select
 import selectors
 import socket
+import struct
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
 from chatlib import aio_client
-from chatlib.chat import Chat, Limits
+from chatlib.chat import Chat, Limits, State
 from chatlib.protocol import (
     CLIENT_MAX_LINE,
     READ_SIZE,
@@ -60,8 +65,14 @@ __all__ = [
     "check_bounded_queue",
     "check_broadcast",
     "check_choose_name",
+    "check_classify",
+    "check_door",
     "check_echo_task",
-    "check_lines_before_drop",
+    "check_how_it_ended",
+    "check_line_html",
+    "check_lost_copies",
+    "check_measure",
+    "check_percentile",
     "check_read_lines",
     "check_read_to_end",
     "check_recent_from_file",
@@ -71,6 +82,7 @@ __all__ = [
     "check_send_queued",
     "check_send_some",
     "check_serve_client",
+    "check_stream_broadcast",
     "check_who_is_online",
     "exercise_check",
     "expect",
@@ -868,54 +880,153 @@ def check_safe_clients(make_clients: Callable[[], object]) -> str:
     return _passed("SafeClients", 4)
 
 
-def check_lines_before_drop(lines_before_drop: Callable[[int, int], int]) -> str:
-    """Check lesson 03's ``lines_before_drop(sendq, line_size)`` against a real Chat.
+class _SendQueue:
+    """A client's bounded send queue, as the check of lesson 03's broadcast drives it."""
 
-    The room is sans-I/O, so this needs no sockets: the engine of a client
-    that stops reading reports the first line as unsent, and the room
-    counts that and every line queued behind it until it drops the client.
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def put(self, data: bytes) -> bool:
+        if self._size + len(data) > self.cap:
+            return False
+        self._chunks.append(data)
+        self._size += len(data)
+        return True
+
+    def take(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
+
+def _lines_dropped_at(sendq: int, stops_reading: dict[str, int | None], lines: int) -> dict:
+    """Run a real Chat; return the line at which it dropped each client (``None``: never).
+
+    A talker says *lines* lines of 400 bytes. Each client in *stops_reading*
+    reads everything until the line it maps to, from which on its kernel
+    takes nothing more (``None``: it always reads). The chat is sans-I/O, so
+    this needs no sockets: the engine's part is played here, line by line.
     """
-    cases = [(1000, 100), (1024, 20), (64 * 1024, 500)]
-    for sendq, line_size in cases:
-        chat = Chat(Limits(sendq=sendq, rate=0, max_line=max(line_size, 512)))
-        stuck = chat.connect("stuck", 0.0)
-        talker = chat.connect("talker", 0.0)
-        chat.take_ready()
-        stuck.data_to_send()  # the welcome lines were written out
-        text = "x" * (line_size - len("<guest2> ") - 1)
-        sent = 0
-        while stuck.state.name == "OPEN" and sent <= sendq:
-            chat.receive_data(talker, encode_line(text), 0.0)
-            talker.data_to_send()
-            if sent == 0:  # the kernel takes none of it: the client has stopped reading
-                chat.data_unsent(stuck, len(stuck.data_to_send()))
-            sent += 1
-        got = lines_before_drop(sendq, line_size)
-        assert got == sent - 1, (
-            f"with sendq={sendq} and {line_size}-byte lines the room held {sent - 1} lines "
-            f"and dropped the client at line {sent}; lines_before_drop gave {got}"
+    chat = Chat(Limits(sendq=sendq, rate=0))
+    talker = chat.connect(("talker", 0), 0.0)
+    conns = {name: chat.connect((name, 0), 0.0) for name in stops_reading}
+    for conn in (talker, *conns.values()):
+        conn.data_to_send()  # the welcomes and joins, written out in full
+        chat.data_unsent(conn, 0)
+    refused = dict.fromkeys(conns, 0)
+    dropped_at: dict[str, int | None] = dict.fromkeys(conns)
+    for number in range(1, lines + 1):
+        chat.receive_data(talker, encode_line(_said(number)), 0.0)
+        talker.data_to_send()
+        chat.data_unsent(talker, 0)
+        for name, conn in conns.items():
+            if dropped_at[name] is not None:
+                continue
+            if conn.state is State.OPEN:
+                data = conn.data_to_send()
+                stops = stops_reading[name]
+                if stops is not None and number >= stops:
+                    refused[name] += len(data)  # the kernel takes none of it
+                chat.data_unsent(conn, refused[name])
+            if conn.state is not State.OPEN:
+                dropped_at[name] = number
+    return dropped_at
+
+
+def _said(number: int) -> str:
+    return f"line {number} ".ljust(400, ".")
+
+
+@exercise_check("broadcast")
+def check_broadcast(broadcast: Callable[[dict[str, object], bytes], list[str]]) -> str:
+    """Check lesson 03's ``broadcast(queues, data)`` against a real Chat's drops.
+
+    Each client gets a queue capped at the chat's ``sendq``; a client that
+    reads has its queue emptied after every broadcast, as its writer would.
+    The clients ``broadcast`` drops, and the line it drops them at, must be
+    those of a real :class:`~chatlib.chat.Chat` with the same limit.
+    """
+    cases = [
+        (4096, {"alice": None, "bob": None}),
+        (4096, {"alice": None, "stuck": 1, "bob": None}),
+        (10_000, {"slow": 5, "alice": None, "stuck": 1}),
+        (4096, {"stuck": 1, "alice": None, "frozen": 1}),
+    ]
+    lines = 40
+    for sendq, stops_reading in cases:
+        expected = _lines_dropped_at(sendq, stops_reading, lines)
+        queues = {name: _SendQueue(sendq) for name in stops_reading}
+        got: dict[str, int | None] = dict.fromkeys(stops_reading)
+        for number in range(1, lines + 1):
+            data = encode_line(f"<guest1> {_said(number)}")  # as the chat relays it
+            before = list(queues)
+            dropped = broadcast(queues, data)
+            expect(
+                isinstance(dropped, list),
+                f"broadcast should return the list of names it dropped; it gave {dropped!r}",
+            )
+            gone = [name for name in before if name not in queues]
+            expect(
+                dropped == gone,
+                f"at line {number}, broadcast removed {gone} from the queues but returned"
+                f" {dropped!r}: return the names dropped, in the queues' order",
+            )
+            for name in dropped:
+                got[name] = number
+            for name, queue in queues.items():
+                stops = stops_reading[name]
+                if stops is None or number < stops:
+                    queue.take()  # its writer sent it all
+        readers = [name for name, stops in stops_reading.items() if stops is None]
+        expect(
+            got == expected,
+            f"with sendq={sendq}, the real chat drops {_drops_in_words(expected)};"
+            f" your broadcast dropped {_drops_in_words(got)} (clients that read: {readers})",
         )
-    return _passed("lines_before_drop", len(cases))
+    return _passed("broadcast", len(cases))
 
 
+def _drops_in_words(dropped_at: dict[str, int | None]) -> str:
+    drops = [f"{name} at line {line}" for name, line in dropped_at.items() if line is not None]
+    return ", ".join(drops) or "nobody"
+
+
+@exercise_check("BoundedQueue")
 def check_bounded_queue(make_queue: Callable[[int], object]) -> str:
     """Check lesson 03's ``BoundedQueue(cap)``: ``put(data) -> bool`` and ``take() -> bytes``."""
     queue = make_queue(10)
-    assert queue.put(b"hello") is True, "put() should accept data that fits"
-    assert queue.put(b"world") is True, "10 bytes fit in a cap of 10"
-    assert queue.take() == b"helloworld", "take() returns everything queued, in order"
-    assert queue.take() == b"", "take() empties the queue"
-    assert queue.put(b"12345678") is True
-    assert queue.put(b"123") is False, "put() refuses data that would pass the cap"
-    return _passed("BoundedQueue", 6)
+    expect(queue.put(b"hello") is True, "put(b'hello') into an empty queue of 10 should give True")
+    expect(queue.put(b"world") is True, "then put(b'world') should give True: 10 bytes fit in 10")
+    got = queue.take()
+    expect(
+        got == b"helloworld",
+        f"take() should give b'helloworld', all of it in order; it gave {got!r}",
+    )
+    got = queue.take()
+    expect(got == b"", f"take() should empty the queue: a second take() gave {got!r}, not b''")
+    expect(queue.put(b"12345678") is True, "after take(), put(b'12345678') should fit again")
+    got = queue.put(b"123")
+    expect(
+        got is False,
+        f"with 8 bytes queued, put(b'123') would pass the cap of 10: it should give False,"
+        f" not {got!r}",
+    )
+    got = queue.take()
+    expect(got == b"12345678", f"a refused put() must add nothing: take() gave {got!r}")
+    return _passed("BoundedQueue", 7)
 
 
+@exercise_check("read_to_end")
 def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:
     """Check lesson 04's ``read_to_end(sock)``: every line until EOF, the last unterminated."""
     cases = [
         ([b"one\ntw", b"o\n"], ["one", "two"]),
         ([b"bye\nlast words"], ["bye", "last words"]),
         ([b"\x1b[2Jboo\n"], ["^[[2Jboo"]),
+        ([], []),
     ]
     for chunks, expected in cases:
         a, b = socket.socketpair()
@@ -928,8 +1039,109 @@ def check_read_to_end(read_to_end: Callable[[socket.socket], list[str]]) -> str:
         finally:
             a.close()
             b.close()
-        assert got == expected, f"after {chunks!r} and EOF: {got!r}, not {expected!r}"
+        expect(
+            got == expected,
+            f"when the peer sends {chunks!r} and then closes its side, read_to_end should give"
+            f" {expected!r}; it gave {got!r}",
+        )
     return _passed("read_to_end", len(cases))
+
+
+@exercise_check("how_it_ended")
+def check_how_it_ended(how_it_ended: Callable[[socket.socket], str]) -> str:
+    """Check lesson 04's ``how_it_ended(sock)`` on real TCP connections that end four ways.
+
+    The peer closes, resets (``SO_LINGER`` 0), or half-closes and stays
+    connected, after sending nothing or 100 KB, more than one ``recv()``
+    returns. A reader that waits beyond the end meets a 5 s timeout.
+    """
+    lots = b"x" * 100_000
+    cases = [
+        ("closes after sending 100 KB", lots, "close", "goodbye"),
+        ("resets without sending anything", b"", "reset", "reset"),
+        ("resets after sending 100 KB", lots, "reset", "reset"),
+        (
+            "half-closes (shutdown SHUT_WR) after 100 KB, and stays connected",
+            lots,
+            "half",
+            "goodbye",
+        ),
+    ]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for what, data, ending, expected in cases:
+            peer = socket.create_connection(listener.getsockname(), timeout=5)
+            mine, _ = listener.accept()
+            mine.settimeout(5)
+            try:
+                # Sent from a thread: 100 KB may not fit the buffers before mine reads.
+                sender = send_in_background(peer, data)
+                sender.join(5)
+                if ending == "reset":
+                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    peer.close()
+                elif ending == "close":
+                    peer.close()
+                else:
+                    peer.shutdown(socket.SHUT_WR)
+                try:
+                    got = how_it_ended(mine)
+                except TimeoutError:
+                    raise CheckFailed(
+                        f"when the peer {what}, how_it_ended was still waiting 5 s later:"
+                        " stop once recv() says the connection has ended"
+                    ) from None
+            finally:
+                peer.close()
+                mine.close()
+            expect(
+                got == expected,
+                f"when the peer {what}, how_it_ended should say {expected!r}; it said {got!r}",
+            )
+    return _passed("how_it_ended", len(cases))
+
+
+@exercise_check("Door")
+def check_door(make_door: Callable[[int], object]) -> str:
+    """Check lesson 04's ``Door(max_per_address)`` against a real Chat's door.
+
+    The same arrivals and departures go to a :class:`~chatlib.chat.Chat`
+    with that ``max_per_address`` (flood control off, so only the count
+    decides) and to the learner's door, which must admit and refuse alike.
+    """
+    a, b, c = "10.0.0.1", "10.0.0.2", "192.168.1.7"
+    # ("in", address) is a connection arriving; ("out", n) the n-th one admitted leaving.
+    script = [("in", a), ("in", a), ("in", a), ("in", b), ("out", 0), ("in", a), ("in", a)]
+    script += [("in", c), ("out", 1), ("out", 2), ("in", b), ("in", b), ("out", 3), ("in", a)]
+    cases = [2, 1, 3, 0]
+    steps = 0
+    for most in cases:
+        chat = Chat(Limits(max_per_address=most, rate=0))
+        door = make_door(most)
+        admitted: list[tuple[str, object]] = []
+        story: list[str] = []
+        for event, what in script:
+            if event == "out":
+                address, conn = admitted[what]
+                chat.connection_lost(conn)
+                door.leave(address)
+                story.append(f"admitted connection #{what + 1} (from {address}) leaves")
+                continue
+            conn = chat.connect((what, 40000 + len(story)), 0.0)
+            real = conn.state is State.OPEN
+            got = door.admit(what)
+            story.append(f"one from {what} arrives")
+            steps += 1
+            if real:
+                admitted.append((what, conn))
+            expect(
+                got is real,
+                f"with max_per_address={most}: "
+                + "; ".join(story)
+                + ". The real chat "
+                + ("lets it in" if real else "refuses it")
+                + f"; your door's admit gave {got!r}",
+            )
+    return _passed("Door", steps)
 
 
 # --- Lesson 05: an event loop, and what waits in it ---------------------------
@@ -1342,7 +1554,7 @@ async def _backlogged_writer(backlog: int) -> AsyncIterator[asyncio.StreamWriter
 
 
 @exercise_check("broadcast")
-async def check_broadcast(broadcast: Callable[[set, bytes, int], object]) -> str:
+async def check_stream_broadcast(broadcast: Callable[[set, bytes, int], object]) -> str:
     """Check lesson 06's ``broadcast(writers, data, sendq)`` in a real server.
 
     A room that says everything through it serves three clients, one of
@@ -1491,6 +1703,280 @@ async def check_send_queued(
     return _passed("send_queued", 4)
 
 
+def _panel_lines() -> list[str]:
+    """Return every line two clients of a real server received in a short chat.
+
+    alice and bob say things a panel must show as text (markup, a fake
+    notice), act, whisper, and get an error and the server's notices.
+    """
+    from chatlib.server import create_server
+
+    said = [
+        "hello <b>bob</b> & co",
+        "<img src=x onerror=alert(1)>",
+        "*** not really a notice",
+        "\"quoted\" and 'single'",
+        "/me waves <i>wildly</i>",
+        "/msg bob psst <script>alert(1)</script>",
+        "/nosuchcommand",
+    ]
+    with create_server("threads", "127.0.0.1", 0, limits=Limits(rate=0)) as server:
+        alice, bob = LineClient(server.address), LineClient(server.address)
+        with alice, bob:
+            for client, name in ((alice, "alice"), (bob, "bob")):
+                client.send_line(f"/nick {name}")
+                client.read_until(lambda line, name=name: line.endswith(f"known as {name}."))
+            for line in said:
+                alice.send_line(line)
+            alice.send_line("the end")
+            alice.read_until("<alice> the end")
+            bob.read_until("<alice> the end")
+            return list(dict.fromkeys(alice.received + bob.received))  # each line once
+
+
+@exercise_check("classify")
+def check_classify(classify: Callable[[str], tuple[str, str | None, str]]) -> str:
+    """Check lesson 07's ``classify(raw)`` against ``parse_server_line``, on real lines.
+
+    The lines come from a real server (see :func:`_panel_lines`), with one
+    the server never sends, which is ``"other"``.
+    """
+    from chatlib.protocol import parse_server_line
+
+    lines = [*_panel_lines(), "plain words, from nobody"]
+    for raw in lines:
+        line = parse_server_line(raw)
+        expected = (line.kind, line.name, line.text)
+        got = classify(raw)
+        expect(
+            got is not None and tuple(got) == expected,
+            f"the panel sorts {raw!r} as {expected!r}; classify gave {got!r}",
+        )
+    return _passed("classify", len(lines))
+
+
+class _Markup(HTMLParser):
+    """Collect the tags and the text a browser would make of some HTML."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+        self.ends: list[str] = []
+        self.text = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+    def handle_endtag(self, tag: str) -> None:
+        self.ends.append(tag)
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
+
+
+@exercise_check("line_html")
+def check_line_html(line_html: Callable[[str], str]) -> str:
+    """Check lesson 07's ``line_html(raw)`` on real lines, markup and all.
+
+    Each answer is parsed as a browser would: it must be one ``div``, with
+    the classes the panel gives the line's kind, whose text is the line
+    exactly as it came. No tag or attribute may come from the line itself.
+    """
+    from chatlib.protocol import parse_server_line
+    from chatlib.widget import LINE_CLASSES
+
+    lines = _panel_lines()
+    for raw in lines:
+        got = line_html(raw)
+        expect(isinstance(got, str), f"line_html({raw!r}) should give a str, not {got!r}")
+        page = _Markup()
+        page.feed(got)
+        page.close()
+        expect(
+            [tag for tag, _ in page.tags] == ["div"] and page.ends == ["div"],
+            f"line_html({raw!r}) should give one <div>...</div> and no other tag; in {got!r}"
+            f" a browser finds the tags {[tag for tag, _ in page.tags]}",
+        )
+        attrs = dict(page.tags[0][1])
+        wanted = {"chat-line", *LINE_CLASSES[parse_server_line(raw).kind].split()}
+        classes = set((attrs.get("class") or "").split())
+        expect(
+            list(attrs) == ["class"] and wanted <= classes,
+            f"the div for {raw!r} should have just a class attribute, with the classes"
+            f" {sorted(wanted)}; line_html gave {got!r}",
+        )
+        expect(
+            page.text == raw,
+            f"a browser should show {raw!r} exactly as it came; from {got!r} it shows"
+            f" {page.text!r}",
+        )
+    return _passed("line_html", len(lines))
+
+
+@exercise_check("percentile")
+def check_percentile(percentile: Callable[[list[float], float], float]) -> str:
+    """Check lesson 08's ``percentile(samples, fraction)``, the benchmark's definition.
+
+    The sample at index ``int(fraction * n)`` of the *n* samples sorted,
+    the last one if that is past the end, and NaN for no samples at all;
+    the caller's list must come back as it was.
+    """
+    hundred = [float(n) for n in range(100, 0, -1)]  # 100.0 down to 1.0
+    cases = [
+        ([5.0, 1.0, 4.0, 2.0, 3.0], 0.5, 3.0),
+        (hundred, 0.5, 51.0),
+        (hundred, 0.99, 100.0),
+        (hundred, 0.0, 1.0),
+        (hundred, 1.0, 100.0),
+        ([0.25, 9.0], 0.5, 9.0),
+        ([7.5], 0.99, 7.5),
+    ]
+    for samples, fraction, expected in cases:
+        before = list(samples)
+        got = percentile(samples, fraction)
+        shown = samples if len(samples) < 10 else "100.0, 99.0, ... 1.0"
+        expect(
+            got == expected,
+            f"percentile([{shown}], {fraction}) should give {expected}; it gave {got!r}",
+        )
+        expect(
+            samples == before,
+            "percentile changed the list it was given (sorted it in place?): sort a copy,"
+            " the caller may still need the samples in the order they came",
+        )
+    got = percentile([], 0.5)
+    expect(
+        isinstance(got, float) and math.isnan(got),
+        f"with no samples there is no percentile: percentile([], 0.5) should give"
+        f" float('nan'), not {got!r}",
+    )
+    return _passed("percentile", len(cases) + 1)
+
+
+def _chat_with_a_late_comer() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Chat on a real server, with one who comes late and one who leaves early.
+
+    Return what each sender said and what each client received, notices
+    and all: dave hears alice's first line, then hangs up; carol joins after
+    alice has spoken, and the server replays no history, so she never gets
+    alice's lines.
+    """
+    from chatlib.server import create_server
+
+    sent: dict[str, list[str]] = {"alice": ["hi", "hi", "anyone?"], "bob": ["yes", "me"]}
+    sent["carol"] = ["sorry I'm late"]
+
+    def join(name: str) -> LineClient:
+        client = LineClient(server.address)
+        client.send_line(f"/nick {name}")
+        client.read_until(lambda line: line.endswith(f" is now known as {name}."))
+        return client
+
+    def say(name: str, text: str, hearing: list[LineClient]) -> None:
+        clients[name].send_line(text)
+        for client in hearing:
+            client.read_until(f"<{name}> {text}")
+
+    limits = Limits(rate=0, history=0)
+    with create_server("threads", "127.0.0.1", 0, limits=limits) as server:
+        clients = {name: join(name) for name in ("alice", "bob", "dave")}
+        try:
+            say("alice", "hi", [clients["alice"], clients["bob"], clients["dave"]])
+            clients["dave"].close()
+            for text in sent["alice"][1:]:
+                say("alice", text, [clients["alice"], clients["bob"]])
+            clients["carol"] = join("carol")
+            everyone = [clients[name] for name in ("alice", "bob", "carol")]
+            for name in ("bob", "carol"):
+                for text in sent[name]:
+                    say(name, text, everyone)
+        finally:
+            for client in clients.values():
+                client.close()
+    return sent, {name: client.received for name, client in clients.items()}
+
+
+def _copies_lost(sent: dict[str, list[str]], received: dict[str, list[str]]) -> int:
+    said = Counter(f"<{name}> {text}" for name, texts in sent.items() for text in texts)
+    lost = 0
+    for lines in received.values():
+        got = Counter(lines)
+        lost += sum(max(0, count - got[line]) for line, count in said.items())
+    return lost
+
+
+@exercise_check("lost_copies")
+def check_lost_copies(lost_copies: Callable[[dict, dict], int]) -> str:
+    """Check lesson 08's ``lost_copies(sent, received)`` on a real chat and two made up."""
+    sent, received = _chat_with_a_late_comer()
+    heard = ", ".join(
+        f"{name} {sum(line.startswith('<') for line in lines)}" for name, lines in received.items()
+    )
+    cases = [
+        (
+            f"in a real chat, {sent} was said; carol came late and dave left early, and"
+            f" the chat lines each received (with notices besides) were: {heard}.",
+            sent,
+            received,
+        ),
+        (
+            "alice said hi twice, and bob got it once.",
+            {"alice": ["hi", "hi"]},
+            {"alice": ["<alice> hi", "<alice> hi"], "bob": ["*** alice joined.", "<alice> hi"]},
+        ),
+        ("nobody said anything.", {}, {"alice": ["*** Welcome to chatlib, alice!"]}),
+    ]
+    for what, sent, received in cases:
+        expected = _copies_lost(sent, received)
+        got = lost_copies(sent, received)
+        expect(
+            got == expected,
+            f"{what} So {expected} copies never arrived; lost_copies gave {got!r}",
+        )
+    return _passed("lost_copies", len(cases))
+
+
+def _live_children() -> set[int]:
+    """Return the ids of this process's children that still run (Linux only)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (command) state ppid ...; the command may hold spaces.
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == os.getpid() and state != "Z":
+                children.add(int(stat.parent.name))
+    return children
+
+
+@exercise_check("measure")
+def check_measure(measure: Callable[[str, int], object]) -> str:
+    """Check lesson 08's ``measure(name, clients)`` by running it: 60 clients on selectors."""
+    from chatlib.bench import FanoutResult
+
+    before = _live_children()
+    result = measure("selectors", 60)
+    expect(
+        isinstance(result, FanoutResult),
+        f"measure should return what run_fanout returned, a FanoutResult; it gave {result!r}",
+    )
+    got = (result.server, result.clients, result.senders, result.mode)
+    expect(
+        got == ("selectors", 60, 5, "typing"),
+        "measure('selectors', 60) should run a typing fan-out (one line in flight per sender)"
+        f" of 60 clients, 5 of them typing, on selectors; it ran {result.mode} with"
+        f" {result.clients} clients, {result.senders} typing, on {result.server}",
+    )
+    expect(result.lost == 0, f"{result.lost} copies were lost: that is a bug somewhere")
+    left = _live_children() - before
+    expect(
+        not left,
+        f"the server's process (pid {sorted(left)}) still runs: stop the server before"
+        " returning (a with block does it)",
+    )
+    return _passed("measure", 4)
+
+
+@exercise_check("audience")
 def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable[str]]) -> str:
     """Check lesson 09's ``audience(rooms, sender, line)`` against a real Chat.
 
@@ -1528,32 +2014,49 @@ def check_audience(audience: Callable[[dict[str, list[str]], str, str], Iterable
         chat.take_ready()
         heard = {name for name, conn in people.items() if conn.data_to_send()}
         got = audience({room: list(names) for room, names in rooms.items()}, sender, line)
-        got = set(got) if got is not None else None
-        assert got == heard, (
-            f"in {rooms}, when {sender} types {line!r}, {sorted(heard)} are sent something;"
-            f" audience gave {sorted(got) if got is not None else got}"
+        expect(
+            got is not None,
+            f"audience should return a set of names; when {sender} types {line!r} it gave None",
+        )
+        got = set(got)
+        expect(
+            got == heard,
+            f"in {rooms}, when {sender} types {line!r}, the real chat sends something to"
+            f" {sorted(heard)}; audience gave {sorted(got)}",
         )
     return _passed("audience", len(cases))
 
 
+@exercise_check("Ring")
 def check_ring(make_ring: Callable[[int], object]) -> str:
     """Check lesson 09's ``Ring(kept)``: ``add(line)`` and ``recent(count)``, oldest first."""
     ring = make_ring(3)
-    assert ring.recent(5) == [], "an empty ring has no recent lines"
+    got = ring.recent(5)
+    expect(got == [], f"an empty ring has no recent lines: recent(5) should give [], not {got!r}")
     for line in "abcde":
         ring.add(line)
-    assert ring.recent(2) == ["d", "e"], f"recent(2) gave {ring.recent(2)!r}, not ['d', 'e']"
-    assert ring.recent(3) == ["c", "d", "e"], "recent(3) gives the last 3, oldest first"
-    got = ring.recent(10)
-    assert got == ["c", "d", "e"], f"a ring of 3 keeps only the last 3; recent(10) gave {got!r}"
-    assert ring.recent(0) == [], f"recent(0) gave {ring.recent(0)!r}: mind that lines[-0:] is all"
+    cases = [
+        (2, ["d", "e"], "the last 2, oldest first"),
+        (3, ["c", "d", "e"], "the last 3, oldest first"),
+        (10, ["c", "d", "e"], "only the last 3: a ring of 3 keeps no more"),
+        (0, [], "nothing (mind that lines[-0:] is all of them)"),
+    ]
+    for count, expected, why in cases:
+        got = ring.recent(count)
+        expect(
+            got == expected,
+            f"after adding a, b, c, d, e to Ring(3), recent({count}) should give {expected!r},"
+            f" {why}; it gave {got!r}",
+        )
     one = make_ring(1)
     one.add("old")
     one.add("new")
-    assert one.recent(1) == ["new"], "a ring of 1 keeps the newest line"
-    return _passed("Ring", 6)
+    got = one.recent(1)
+    expect(got == ["new"], f"Ring(1) keeps the newest line: recent(1) gave {got!r}, not ['new']")
+    return _passed("Ring", len(cases) + 2)
 
 
+@exercise_check("recent_from_file")
 def check_recent_from_file(recent_from_file: Callable[[str, str, int], list[str]]) -> str:
     """Check lesson 09's ``recent_from_file(path, room, count)`` on a store made for it.
 
@@ -1577,7 +2080,9 @@ def check_recent_from_file(recent_from_file: Callable[[str, str, int], list[str]
         ]
         for room, count, expected in cases:
             got = recent_from_file(path, room, count)
-            assert got == expected, (
-                f"recent_from_file(path, {room!r}, {count}) gave {got!r}, not {expected!r}"
+            expect(
+                got == expected,
+                f"recent_from_file(path, {room!r}, {count}) should give {expected!r}; it gave"
+                f" {got!r}",
             )
     return _passed("recent_from_file", len(cases))

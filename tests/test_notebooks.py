@@ -400,6 +400,76 @@ async def _send_queued_without_drain(writer, queue):
     await writer.wait_closed()
 
 
+def _ended_by_first_recv(sock):
+    return "goodbye" if sock.recv(1024) == b"" else "reset"
+
+
+class _DoorThatNeverCountsOut:
+    def __init__(self, max_per_address):
+        self._most = max_per_address
+        self._inside = {}
+
+    def admit(self, address):
+        if self._most and self._inside.get(address, 0) >= self._most:
+            return False
+        self._inside[address] = self._inside.get(address, 0) + 1
+        return True
+
+    def leave(self, address):
+        pass  # forgets to count the connection out
+
+
+def _classify_stars_first(raw):
+    # "*" is tried before "*** ", so every notice comes out as a private message.
+    for prefix, kind, name_ends in [
+        ("<", "message", "> "),
+        ("-> *", "private-sent", "* "),
+        ("*", "private", "* "),
+        ("*** ", "notice", None),
+        ("* ", "action", " "),
+        ("!!! ", "error", None),
+    ]:
+        if raw.startswith(prefix):
+            rest = raw[len(prefix) :]
+            if name_ends is None:
+                return kind, None, rest
+            name, _, text = rest.partition(name_ends)
+            return kind, name, text
+    return "other", None, raw
+
+
+def _line_html_unescaped(raw):
+    from chatlib.protocol import parse_server_line
+    from chatlib.widget import LINE_CLASSES
+
+    return f'<div class="chat-line {LINE_CLASSES[parse_server_line(raw).kind]}">{raw}</div>'
+
+
+def _percentile_past_the_end(samples, fraction):
+    return sorted(samples)[int(fraction * len(samples))]
+
+
+def _lost_by_counting_lines(sent, received):
+    said = sum(len(texts) for texts in sent.values())
+    return said * len(received) - sum(len(lines) for lines in received.values())
+
+
+def _measure_pipelined(name, clients):
+    from chatlib.bench import run_fanout, start_server
+
+    with start_server(name) as server:
+        return run_fanout(server, clients=clients, senders=5, window=16, duration=0.2, warmup=0.1)
+
+
+def _drop_while_looping(queues, data):
+    dropped = []
+    for name, queue in queues.items():
+        if not queue.put(data):
+            del queues[name]  # changes the dict under the loop
+            dropped.append(name)
+    return dropped
+
+
 @pytest.mark.parametrize(
     ("check", "wrong"),
     [
@@ -409,11 +479,18 @@ async def _send_queued_without_drain(writer, queue):
         ("check_who_is_online", _first_line_after_who),
         ("check_serve_client", _forward_pieces),
         ("check_safe_clients", _SharedDict),
-        ("check_lines_before_drop", lambda sendq, line_size: sendq // line_size + 1),
         ("check_bounded_queue", _NeverFull),
+        ("check_broadcast", _drop_while_looping),
         ("check_read_to_end", _lines_without_last),
         ("check_send_some", lambda sock, data: sock.send(data) and b""),
         ("check_echo_task", _echo_dropping_the_rest),
+        ("check_how_it_ended", _ended_by_first_recv),
+        ("check_door", _DoorThatNeverCountsOut),
+        ("check_classify", _classify_stars_first),
+        ("check_line_html", _line_html_unescaped),
+        ("check_percentile", _percentile_past_the_end),
+        ("check_lost_copies", _lost_by_counting_lines),
+        ("check_measure", _measure_pipelined),
         (
             "check_audience",
             lambda rooms, sender, line: {n for names in rooms.values() for n in names},
@@ -421,7 +498,7 @@ async def _send_queued_without_drain(writer, queue):
         ("check_ring", _UnboundedRing),
         ("check_recent_from_file", _oldest_from_file),
         ("check_ask", _ask_first_line),
-        ("check_broadcast", _broadcast_to_everyone),
+        ("check_stream_broadcast", _broadcast_to_everyone),
         ("check_send_queued", _send_queued_without_drain),
     ],
 )

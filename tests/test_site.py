@@ -45,6 +45,9 @@ SOURCES = [ROOT / "README.md", *NOTEBOOKS, *sorted((ROOT / "docs").glob("*.md"))
 # Pages Sphinx adds beside the sources.
 GENERATED_PAGES = ["index.html", "search.html", "genindex.html"]
 
+# The build command of `make site`, from the repository root (site/conf.py).
+SPHINX_HTML = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-c", "site"]
+
 # Seconds: Sphinx renders the whole course in about 10 s on an idle machine.
 BUILD_TIMEOUT = 300
 # Milliseconds, as Playwright counts.
@@ -72,7 +75,7 @@ def _outputs(notebook: dict) -> list[list[dict]]:
 
 
 def _count_mime(notebook: dict, mime: str) -> int:
-    return sum(mime in output.get("data", {}) for outputs in _outputs(notebook) for output in outputs)
+    return sum(mime in output.get("data", {}) for cell in _outputs(notebook) for output in cell)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +88,7 @@ def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("site")
     started = time.monotonic()
     build = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-c", "site"]
-        + ["-d", str(out / "doctrees"), ".", str(out / "html")],
+        [*SPHINX_HTML, "-d", out / "doctrees", ".", out / "html"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -126,13 +128,11 @@ def server(site) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser(server):
-    sync_playwright = _sync_playwright()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    """Yield a headless Chromium, shared by the pages (each opens in a page of its own)."""
+    with _sync_playwright()() as playwright:
+        chromium = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,9 @@ html_theme_options = {
     "show_toc_level": 2,
     "use_download_button": True,
     "use_fullscreen_button": False,
+    # sphinx-book-theme leaves this empty but pydata-sphinx-theme 0.17 still fills it,
+    # which draws a second search box in a bar across the top.
+    "navbar_persistent": [],
 }
 html_show_sourcelink = False
 # Without a mode the theme's script logs an error ("invalid theme mode") on every page.

@@ -48,13 +48,16 @@ GENERATED_PAGES = ["index.html", "search.html", "genindex.html"]
 # The build command of `make site`, from the repository root (site/conf.py).
 SPHINX_HTML = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-c", "site"]
 
-# Seconds: Sphinx renders the whole course in about 10 s on an idle machine.
-BUILD_TIMEOUT = 300
+# Seconds: Sphinx renders the whole course in about 12 s on an idle machine; under
+# pytest-timeout's 120 s for the first test, so that a slow build says so itself.
+BUILD_TIMEOUT = 100
 # Milliseconds, as Playwright counts.
 PAGE_TIMEOUT = 30_000
 WIDGET_TIMEOUT = 15_000
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# The notebook that shows ChatPanel widgets (07 at the time of writing).
+(CHAT_PANEL_NOTEBOOK,) = (ROOT / "notebooks").glob("[0-9]*-chat-panel.ipynb")
 
 
 def _page_name(source: Path) -> str:
@@ -151,14 +154,13 @@ def _status(url: str) -> int | None:
         return None
 
 
-def _open(browser, url: str) -> tuple[object, list[str]]:
-    """Open *url*; return the page and the problems seen while it loaded."""
+def _open(browser, server: str, name: str) -> tuple[object, list[str]]:
+    """Open page *name* of the site at *server*; return it and the problems seen as it loaded."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     problems: list[str] = []
-    base = url[: url.index("/", len("http://")) + 1]
 
     def on_request(request) -> None:
-        if not request.url.startswith((base, "data:", "blob:", "about:")):
+        if not request.url.startswith((server, "data:", "blob:", "about:")):
             problems.append(f"request outside the site: {request.url}")
 
     def on_response(response) -> None:
@@ -173,7 +175,7 @@ def _open(browser, url: str) -> tuple[object, list[str]]:
     page.on("requestfailed", lambda r: problems.append(f"failed: {r.url} ({r.failure})"))
     page.on("request", on_request)
     page.on("response", on_response)
-    page.goto(url, wait_until="networkidle", timeout=PAGE_TIMEOUT)
+    page.goto(server + name, wait_until="networkidle", timeout=PAGE_TIMEOUT)
     return page, problems
 
 
@@ -185,7 +187,7 @@ def test_every_source_has_a_page(site):
 
 @pytest.mark.parametrize("name", [*map(_page_name, SOURCES), *GENERATED_PAGES])
 def test_page_loads_offline_and_its_links_resolve(browser, server, link_status, name):
-    page, problems = _open(browser, server + name)
+    page, problems = _open(browser, server, name)
     hrefs = page.eval_on_selector_all("a[href]", "(links) => links.map((link) => link.href)")
     page.close()
     assert not problems, f"{name}: " + "\n".join(problems)
@@ -201,7 +203,7 @@ def test_page_loads_offline_and_its_links_resolve(browser, server, link_status, 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_page_shows_its_stored_outputs(browser, server, notebook):
     stored = _notebook(notebook)
-    page, problems = _open(browser, server + _page_name(notebook))
+    page, problems = _open(browser, server, _page_name(notebook))
     try:
         assert not problems, "\n".join(problems)
         assert page.locator(".cell_output").count() == len(_outputs(stored))
@@ -229,7 +231,7 @@ def test_stored_widgets_are_drawn(browser, server, notebook):
     from playwright.sync_api import expect
 
     views = _count_mime(_notebook(notebook), WIDGET_VIEW)
-    page, problems = _open(browser, server + _page_name(notebook))
+    page, problems = _open(browser, server, _page_name(notebook))
     try:
         # The embedder puts each drawn view beside the script tag that names it.
         expect(page.locator(".cell_output .widget-subarea")).to_have_count(
@@ -243,7 +245,7 @@ def test_stored_widgets_are_drawn(browser, server, notebook):
 def test_chat_panels_show_their_stored_conversation(browser, server):
     from playwright.sync_api import expect
 
-    page, problems = _open(browser, server + "notebooks/07-chat-panel.html")
+    page, problems = _open(browser, server, _page_name(CHAT_PANEL_NOTEBOOK))
     try:
         panels = page.locator(".chat-panel")
         expect(panels.first).to_be_visible(timeout=WIDGET_TIMEOUT)

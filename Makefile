@@ -16,7 +16,7 @@ QUIET_JUPYTER := JUPYTER_PLATFORM_DIRS=1
 # Jupyter refuses to start as root (containers, CI machines) without this flag.
 LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: venv test student lab lab-solutions server client notebooks bench lint format clean
+.PHONY: venv test student lab lab-solutions server client notebooks bench lint format clean site
 
 venv: $(STAMP)
 
@@ -83,3 +83,10 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name .ipynb_checkpoints -type d -prune -exec rm -rf {} +
+
+# The course as a static website (site/conf.py): every notebook with the
+# outputs stored in it (none is re-run), the docs and the README.
+site: $(STAMP)
+	$(BIN)/python -m sphinx -b html -q -c site -d _build/doctrees . _build/html
+	@echo "The site is in _build/html. To read it, serve it and open http://127.0.0.1:8000/ :"
+	@echo "    python3 -m http.server --bind 127.0.0.1 -d _build/html"

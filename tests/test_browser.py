@@ -259,8 +259,7 @@ def test_two_panels_chat_live_and_show_html_as_text(browser, lab):
     errors = result.json_value()["errors"]
     assert not errors, f"cells above the clean-up failed: {errors}"
 
-    # The notebook displays two panels, alice's then bob's (in exercise 3
-    # bob renames himself robert).
+    # The notebook displays two panels, alice's then bob's.
     panels = page.locator(".chat-panel")
     expect(panels).to_have_count(2, timeout=CHAT_TIMEOUT)
     alice, bob = panels.nth(0), panels.nth(1)

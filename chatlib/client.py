@@ -33,6 +33,7 @@ from chatlib.protocol import (
     RoomTracker,
     encode_line,
     parse_command,
+    parse_notice,
     parse_server_line,
 )
 
@@ -216,11 +217,21 @@ class _Terminal:
 
 
 class _Listener:
-    """Show what the server sends; note when it last spoke and when it hung up."""
+    """Show what the server sends; note when it last spoke and when it hung up.
 
-    def __init__(self, client: ChatClient, terminal: _Terminal) -> None:
+    *asked_name*: the name the client asked for as it connected (``--name``).
+    """
+
+    def __init__(
+        self, client: ChatClient, terminal: _Terminal, asked_name: str | None = None
+    ) -> None:
         self.client = client
         self.terminal = terminal
+        # The server greets every connection as a guest and invites it to
+        # choose a name, before it reads the /nick we sent: on a terminal that
+        # invitation only confuses someone who chose one. Its answer to /nick
+        # follows. Piped output stays every line the server sent.
+        self._hide_welcome = bool(asked_name) and terminal.interactive
         self.rooms = RoomTracker()
         #: Set once the server has closed the connection.
         self.ended = threading.Event()
@@ -232,7 +243,12 @@ class _Listener:
         """Show each line until the connection ends; the receiving thread's body."""
         for line in self.client:
             self.last_heard = time.monotonic()
-            part = self.rooms.track(parse_server_line(line))
+            parsed = parse_server_line(line)
+            part = self.rooms.track(parsed)
+            if self._hide_welcome and parsed.kind == "notice":
+                self._hide_welcome = False  # the welcome is the first notice
+                if (notice := parse_notice(parsed.text)) and notice[0] == "welcome":
+                    continue
             self.terminal.show(line, replayed=part == "replayed", room=self.rooms.room)
             if self.rooms.room is not None:
                 self.placed.set()
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     terminal = _Terminal(
         interactive=sys.stdin.isatty() and sys.stdout.isatty(), styled=_styled_output()
     )
-    listener = _Listener(client, terminal)
+    listener = _Listener(client, terminal, args.name)
     leaving = threading.Event()  # we asked the server to let us go
     input_ended = threading.Event()  # Ctrl-D, or the end of piped input
     receiver = threading.Thread(target=listener.run, daemon=True)

@@ -239,6 +239,19 @@ def test_terminal_redraws_the_line_being_typed(server):
         screen.expect(b"*** Bye, fay!")
 
 
+@pytest.mark.parametrize("name", [None, "fay"])
+def test_on_a_terminal_only_a_guest_is_invited_to_choose_a_name(history_server, name):
+    port = history_server.address[1]
+    with on_a_terminal(port, *(["--name", name] if name else [])) as screen:
+        if name:
+            screen.expect(b"*** guest1 is now known as fay.")
+        screen.expect(b"#lobby> ")
+        screen.type(b"\x04")
+        screen.expect(b"*** Bye, ")
+    welcome = ("*** " + format_notice("welcome", name="guest1")).encode()
+    assert (welcome in screen.drawn) == (name is None)
+
+
 @pytest.fixture
 def history_server(health):
     """A server (one engine: this is about the client) that replays recent messages."""

@@ -627,25 +627,24 @@ def _connect_to_chat(address: tuple[str, int]) -> tuple[socket.socket, io.TextIO
 @exercise_check("choose_name")
 def check_choose_name(choose_name: Callable[[socket.socket, io.TextIOWrapper, str], str]) -> str:
     """Check lesson 00's ``choose_name(sock, reader, name)`` against a real chat server."""
+
+    def answers(sock: socket.socket, reader: io.TextIOWrapper, name: str, expected: str) -> None:
+        answer = choose_name(sock, reader, name)
+        expect(
+            isinstance(answer, str) and answer.rstrip("\n") == expected,
+            f"choose_name(sock, reader, {name!r}) should return the server's answer, "
+            f"{expected!r}; it returned {answer!r}",
+        )
+
     with create_server("threads", "127.0.0.1", 0) as server:
         first, first_reader = _connect_to_chat(server.address)
         with first, first_reader:
-            answer = choose_name(first, first_reader, "alice")
-            expected = "*** guest1 is now known as alice."
-            expect(
-                isinstance(answer, str) and answer.rstrip("\n") == expected,
-                f"choose_name(sock, reader, 'alice') should return the server's answer, "
-                f"{expected!r}; it returned {answer!r}",
-            )
+            answers(first, first_reader, "alice", "*** guest1 is now known as alice.")
             second, second_reader = _connect_to_chat(server.address)
             with second, second_reader:
-                answer = choose_name(second, second_reader, "Alice")
-                expected = "!!! The name Alice is taken. Your name is still guest2."
-                expect(
-                    isinstance(answer, str) and answer.rstrip("\n") == expected,
-                    f"once alice is taken, choose_name(sock, reader, 'Alice') should return "
-                    f"{expected!r}; it returned {answer!r}",
-                )
+                # alice is taken now, in any case.
+                taken = "!!! The name Alice is taken. Your name is still guest2."
+                answers(second, second_reader, "Alice", taken)
                 second.sendall(b"/who\n")
                 online = second_reader.readline()
                 expect(

@@ -1,4 +1,4 @@
-"""Test helpers: a condition waiter, a raw line client, and a room driven in memory.
+"""Test helpers: a condition waiter, a raw line client, a room driven in memory, the tools.
 
 Nothing here sleeps for a guessed time: waiting is always for a condition, with a deadline,
 so a broken server makes a test fail (after the deadline) instead of hang or pass by luck.
@@ -6,15 +6,21 @@ so a broken server makes a test fail (after the deadline) instead of hang or pas
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
 
 from chatlib.chat import Chat, Connection, Limits, State
 from chatlib.history import HistoryStore
 from chatlib.protocol import parse_notice, parse_server_line
+
+#: The repository: the folder that holds chatlib/, tests/ and tools/.
+ROOT = Path(__file__).resolve().parent.parent
 
 #: How long a test waits for a line it expects. Generous: the machine is shared, and a
 #: deadline only bounds how long a failing test takes, never how long a passing one does.
@@ -331,3 +337,11 @@ class ChatDriver:
         if data:
             assert data.endswith(b"\n")
             self.inbox[conn].extend(decode_line(raw) for raw in data[:-1].split(b"\n"))
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import ``tools/NAME.py``, a script rather than a package, for its tests."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

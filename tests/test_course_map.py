@@ -8,23 +8,14 @@ up in the map instead of drifting from it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, load_tool
 
-
-def _load_course_map():
-    spec = importlib.util.spec_from_file_location("course_map", ROOT / "tools" / "course_map.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-course_map = _load_course_map()
+course_map = load_tool("course_map")
 
 
 def _notebook(path: Path, first: str, last: str) -> Path:

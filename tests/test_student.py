@@ -10,7 +10,6 @@ and nothing outside the exercises needs what an exercise defines.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -19,20 +18,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, load_tool
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 # Each cell may start servers and wait on them; none should take anywhere near this.
 CELL_TIMEOUT = 180
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("student", ROOT / "tools" / "student.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-student = _load_tool()
+student = load_tool("student")
 
 
 def _code(source: str, tags: tuple[str, ...] = (), outputs: list | None = None) -> dict:

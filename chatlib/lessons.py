@@ -1537,12 +1537,7 @@ async def _backlogged_writer(backlog: int) -> AsyncIterator[asyncio.StreamWriter
     Small kernel buffers on both ends keep nearly all of the backlog in the
     transport, where ``get_write_buffer_size()`` counts it.
     """
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.socket()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        peer.connect(listener.getsockname())
-        ours, _ = listener.accept()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours, peer = _tcp_pair()
     _, writer = await asyncio.open_connection(sock=ours)
     writer.write(b"x" * backlog)
     try:
@@ -1628,12 +1623,7 @@ async def _loopback_streams() -> AsyncIterator[tuple[asyncio.StreamWriter, async
     The kernel's buffers are small on both ends, so that a backlog of a
     few hundred kilobytes stays in the writer's transport if nobody reads.
     """
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.socket()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        peer.connect(listener.getsockname())
-        ours, _ = listener.accept()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours, peer = _tcp_pair()
     _, writer = await asyncio.open_connection(sock=ours)
     reader, peer_writer = await asyncio.open_connection(sock=peer)
     try:

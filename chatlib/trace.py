@@ -11,11 +11,12 @@ whatever the engine:
 
 - :class:`Accepted` when a client's connection is accepted;
 - :class:`Ready` when the engine finds sockets ready to read. The
-  selectors engine reports every client socket one ``select()`` returned,
-  in one event per turn of its loop (empty when only the listener, the
-  wake-up socket or a timer woke it); a reader thread of the threaded
-  engine, and asyncio's loop, which calls one protocol at a time, report
-  one socket each;
+  selectors engine reports every client socket one ``select()`` found
+  readable, in one event per turn of its loop (empty when only the
+  listener, the wake-up socket, a timer or a client's writable socket woke
+  it); a reader thread of the threaded engine, and asyncio's loop, which
+  calls one protocol at a time, report the one socket whose read has just
+  returned, right before its :class:`Received`;
 - :class:`Received` with what one read returned (``b""``: the end of the
   client's stream);
 - :class:`Sent` with what one write handed over: to the kernel (threads,
@@ -104,6 +105,9 @@ Trace = Callable[[Event], None]
 
 class Recorder:
     """A trace hook that keeps every event, in the order they came.
+
+    It keeps every payload too, with no bound: for a short run, a test
+    or a notebook, not for a server left running.
 
     ``recorder = Recorder()``, then ``ChatServer(..., trace=recorder)``;
     read :attr:`events` while or after the server runs.

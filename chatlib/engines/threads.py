@@ -490,7 +490,7 @@ class ChatServer(ServerBase):
             # A fresh socket's buffer always takes one short line.
             refusal = conn.data_to_send()
             sent = sock.send(refusal, NO_SIGNAL)
-            if self._trace is not None:
+            if self._trace is not None and sent:
                 self._trace(Sent(conn.peer, refusal[:sent]))
             sock.shutdown(socket.SHUT_WR)
         except OSError:

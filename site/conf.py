@@ -52,6 +52,10 @@ html_show_sourcelink = False
 html_context = {"default_mode": "light"}
 # Without an icon a browser asks for /favicon.ico, and logs the 404.
 html_favicon = "favicon.svg"
+# The landing page, /index.html: a redirect to the README that asks for nothing
+# else. sphinx-external-toc writes a bare one only when there is none, and a
+# browser that sees a bare one before it moves on asks for /favicon.ico.
+html_extra_path = ["extra"]
 
 # The widget embedder: the version that reads ipywidgets 8 state (version_major 2).
 WIDGETS_PACKAGE = "@jupyter-widgets/html-manager@1.0.15"

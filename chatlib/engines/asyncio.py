@@ -132,6 +132,7 @@ class ChatServer(ServerBase):
         self._all_gone: asyncio.Future | None = None
         self._previous_error_handler: Any = None
         self._accept_error_logged_at = float("-inf")
+        self._accept_failed_at = float("-inf")
 
     # --- Public methods -------------------------------------------------
 
@@ -362,14 +363,24 @@ class ChatServer(ServerBase):
         Out of file descriptors, asyncio's accept loop reports every failed
         try of a burst, each with a traceback: thousands a second. It
         pauses accepting for a second as the other engines do; one line
-        per pause says so.
+        per pause says so. Once the server is closed, the retries asyncio
+        still has due fail on the closed listener, and are dropped.
         """
         error = context.get("exception")
         if isinstance(error, OSError) and out_of_resources(error) and "socket" in context:
-            now = loop.time()
+            now = self._accept_failed_at = loop.time()
             if now >= self._accept_error_logged_at + ACCEPT_RETRY_DELAY:
                 self._accept_error_logged_at = now
                 self._log_accept_paused(error)
+        elif (
+            isinstance(error, ValueError)
+            and self._listener.fileno() == -1
+            and "_start_serving" in context.get("message", "")
+        ):
+            # asyncio schedules its retry of accept() once per failed try of a
+            # burst (CPython gh-151615), and closing the server cancels none:
+            # each then fails on the closed listener. Nothing is wrong.
+            pass
         elif self._previous_error_handler is not None:
             self._previous_error_handler(loop, context)
         else:
@@ -399,6 +410,11 @@ class ChatServer(ServerBase):
                 self._finish(conn, client)
             await asyncio.sleep(0)  # abort() calls connection_lost() on the next turn
             await self._server.wait_closed()
+            # Retries of accept() still due fail on the closed listener: let
+            # them, while this engine's error handler is there to drop them.
+            retries_due = self._accept_failed_at + ACCEPT_RETRY_DELAY - self._loop.time()
+            if retries_due > 0:
+                await asyncio.sleep(retries_due)
         finally:
             self._loop.set_exception_handler(self._previous_error_handler)
             self._stopped.set()

@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from chatlib.cluster import Cluster, Peer, decode_event
 from chatlib.history import HISTORY_KEPT, HISTORY_SHOWN, HistoryStore, MemoryHistory
 from chatlib.protocol import (
     CLIENT_MAX_LINE,
@@ -49,6 +50,12 @@ from chatlib.protocol import (
     room_problem,
     sanitize,
 )
+
+#: Why a user on another server is gone without leaving, as their ``left`` notice says.
+_PEER_GONE = {
+    "bye": " (their server shut down)",
+    "silent": " (their server stopped answering)",
+}
 
 __all__ = [
     "LIFECYCLE",
@@ -229,12 +236,15 @@ class Connection:
         "name",
         "peer",
         "room",
+        "serial",
         "state",
     )
 
     def __init__(self, room: Chat, peer: object, name: str, now: float) -> None:
         #: Whatever the engine passed to :meth:`Chat.connect`, for its logs.
         self.peer = peer
+        #: This connection's number on its server, which events name it by.
+        self.serial = next(room._serials)
         #: Where the client comes from, as the per-address limits count it.
         self.address = _address_of(peer)
         #: The client's current name, the same in every room.
@@ -323,10 +333,19 @@ class Room:
 class Chat:
     """Everyone connected to one server, the rooms they are in, and the rules of the chat."""
 
-    def __init__(self, limits: Limits | None = None, store: HistoryStore | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        store: HistoryStore | None = None,
+        cluster: Cluster | None = None,
+    ) -> None:
         #: The chat's limits; ``max_per_address`` unset means none (see
         #: :meth:`Limits.for_listener`).
         self.limits = limits or Limits()
+        #: This server's part in a chat of several servers (see
+        #: :mod:`chatlib.cluster`); ``None`` for a server on its own.
+        self.cluster = cluster
+        self._serials = itertools.count(1)
         #: Where recent messages are kept: a ring per room in memory unless
         #: a store is given. The chat commits it in :meth:`take_ready`.
         self.store = store if store is not None else MemoryHistory()
@@ -463,6 +482,8 @@ class Chat:
     def shut_down(self, now: float) -> None:
         """Say goodbye to everyone: every member becomes ``CLOSING``."""
         self._clock = now
+        if self._linked:
+            self._publish("bye")  # the other servers let our members go at once
         leaving = list(self._members.values())
         self._members.clear()  # nobody is told about the others leaving
         self._per_address.clear()
@@ -472,6 +493,94 @@ class Chat:
             conn.room = None
             self._send(conn, "*** The server is shutting down. Bye!")
             self._move(conn, "leave", now)
+        self._drop_over_limit()
+
+    # --- Several servers (see chatlib.cluster) ---------------------------
+
+    def broker_connected(self, now: float) -> None:
+        """Handle the link to the broker coming up: say who is here, and ask the others.
+
+        From now on every line for a room goes through the broker, and comes
+        back to be delivered. Coming back after a split is told to everyone.
+        """
+        self._clock = now
+        cluster = self.cluster
+        cluster.linked = True
+        cluster.forget_peers()  # what they said before may be stale; they answer anew
+        self._publish("roster", members=self._roster(), reply=True)
+        if cluster.ever_linked:
+            self._send_everyone("*** " + format_notice("linked"))
+        cluster.ever_linked = True
+
+    def broker_lost(self, reason: str, now: float) -> None:
+        """Handle the link to the broker failing: serve this server's clients alone.
+
+        This server's lines still on their way are delivered here, as they
+        would have been; whoever is on the other servers may miss them.
+        Everyone here is told. Once the link is down, this does nothing.
+        """
+        cluster = self.cluster
+        if not cluster.linked:
+            return
+        self._clock = now
+        cluster.linked = False
+        for kind, fields in cluster.take_in_flight():
+            if kind in ("line", "private"):
+                getattr(self, "_on_" + kind)(cluster.origin, fields)
+        rooms = set(cluster.room_sizes)
+        cluster.forget_peers()
+        for room in rooms:
+            self._forget_if_empty(room)
+        self._send_everyone("*** " + format_notice("split", reason=reason))
+        self._drop_over_limit()
+
+    def receive_broker_message(self, data: bytes, now: float) -> None:
+        """Handle one event from the broker (see :mod:`chatlib.cluster`), in the broker's order.
+
+        What is not an event, and what arrives while the link counts as
+        down, is dropped. A gap in another server's numbering is told to
+        everyone here, and makes every server say again who is on it.
+        """
+        cluster = self.cluster
+        event = decode_event(data) if cluster.linked else None
+        if event is None:
+            return
+        self._clock = now
+        origin, seq, kind = event["origin"], event["seq"], event["kind"]
+        if origin == cluster.origin:
+            # Our own: only lines are delivered on the way back, and only once.
+            if cluster.came_back(seq) and kind in ("line", "private"):
+                getattr(self, "_on_" + kind)(origin, event)
+            self._drop_over_limit()
+            return
+        peer = cluster.peers.get(origin)
+        if peer is None:
+            cluster.peers[origin] = Peer(seq, now)
+            if kind != "roster":
+                # A server we did not know of (or had given up on): learn who is on it.
+                self._publish("roster", members=self._roster(), reply=True)
+        elif seq <= peer.last_seq:
+            return  # a replay of something seen
+        else:
+            missed = seq - peer.last_seq - 1
+            peer.last_seq, peer.heard_at = seq, now
+            if missed:
+                cluster.lost += missed
+                self._send_everyone("*** " + format_notice("lost-messages", count=missed))
+                self._publish("roster", members=self._roster(), reply=True)
+        getattr(self, "_on_" + kind)(origin, event)
+        self._drop_over_limit()
+
+    def broker_tick(self, now: float) -> None:
+        """Handle the link's heartbeat: say we are alive, give up on servers gone silent."""
+        cluster = self.cluster
+        if not cluster.linked:
+            return
+        self._clock = now
+        for origin in cluster.silent_peers(now):
+            self._forget_peer(origin, _PEER_GONE["silent"])
+        if cluster.quiet_since(now):
+            self._publish("alive")
         self._drop_over_limit()
 
     def take_ready(self) -> list[Connection]:
@@ -487,6 +596,8 @@ class Chat:
             # whole batch (a group commit).
             self._unsaved = False
             self.store.commit()
+        if self.cluster is not None:
+            self.cluster.flush()
         ready = list(self._ready)
         self._ready.clear()
         return ready
@@ -623,6 +734,8 @@ class Chat:
     def _remove_member(self, conn: Connection) -> None:
         """Take *conn* out of the member lists; keep the flood budget it leaves behind."""
         del self._members[name_key(conn.name)]
+        if self._linked:
+            self._publish("gone", name=conn.name)
         count = self._per_address.pop(conn.address) - 1
         if count:
             self._per_address[conn.address] = count
@@ -637,11 +750,22 @@ class Chat:
             self._keep_budget(conn.address, tokens - 1, now)
 
     def _new_guest_name(self) -> str:
+        # A server of several tags its guests: two servers that let someone
+        # in at the same moment never pick one name.
+        tag = "" if self.cluster is None else "-" + self.cluster.tag
         while True:
             self._guest_number += 1
-            name = f"guest{self._guest_number}"
-            if name_key(name) not in self._members:  # someone may have picked it
+            name = f"guest{self._guest_number}{tag}"
+            if self._holder_name(name_key(name)) is None:  # someone may have picked it
                 return name
+
+    def _holder_name(self, key: str, asking: Connection | None = None) -> str | None:
+        """Return the name of whoever but *asking* holds a name with *key*, on any server."""
+        holder = self._members.get(key)
+        if holder is not None and holder is not asking:
+            return holder.name
+        remote = self.cluster.holder(key) if self.cluster is not None else None
+        return remote[1] if remote is not None else None
 
     def _dispatch(self, conn: Connection, command: Command, now: float) -> None:
         if command.name == "quit":
@@ -672,33 +796,42 @@ class Chat:
         text = text.strip()
         if not name or not text:
             self._send_usage(conn, "msg")
-        elif (target := self._members.get(name_key(name))) is None:
-            self._send_fitted(conn, "!!! Nobody here is called {}.", name)
-        else:
+        elif (target := self._members.get(name_key(name))) is not None:
             self._send(target, f"*{conn.name}* {text}")
             if target is not conn:
                 self._send(conn, f"-> *{target.name}* {text}")
+        elif self._linked and (remote := self.cluster.holder(name_key(name))) is not None:
+            self._publish("private", to=name_key(name), text=f"*{conn.name}* {text}")
+            self._send(conn, f"-> *{remote[1]}* {text}")
+        else:
+            self._send_fitted(conn, "!!! Nobody here is called {}.", name)
 
     def _do_nick(self, conn: Connection, name: str) -> None:
         name = normalize_name(name)
-        holder = self._members.get(name_key(name))
+        holder = self._holder_name(name_key(name), asking=conn)
         if not name:
             self._send_usage(conn, "nick")
         elif problem := name_problem(name):
             self._send(conn, f"!!! {problem} Your name is still {conn.name}.")
-        elif holder is not None and holder is not conn:
+        elif holder is not None:
             taken = (
                 "is taken"
-                if holder.name.casefold() == name.casefold()
-                else f"looks too much like {holder.name}, who is here"
+                if holder.casefold() == name.casefold()
+                else f"looks too much like {holder}, who is here"
             )
             self._send(conn, f"!!! The name {name} {taken}. Your name is still {conn.name}.")
         elif name != conn.name:
-            old = conn.name
-            conn.name = name
-            # Rebuild rather than delete and insert: /who keeps arrival order.
-            self._members = {name_key(member.name): member for member in self._members.values()}
-            self._broadcast(conn.room, "*** " + format_notice("renamed", old=old, name=name))
+            self._rename(conn, name)
+
+    def _rename(self, conn: Connection, name: str) -> None:
+        """Give *conn* the free *name*, and tell its room and the other servers."""
+        old = conn.name
+        conn.name = name
+        # Rebuild rather than delete and insert: /who keeps arrival order.
+        self._members = {name_key(member.name): member for member in self._members.values()}
+        if self._linked:
+            self._publish("renamed", old=old, name=name)
+        self._broadcast(conn.room, "*** " + format_notice("renamed", old=old, name=name))
 
     def _do_who(self, conn: Connection, args: str) -> None:
         self._send_members(conn, "members")
@@ -706,6 +839,8 @@ class Chat:
     def _do_join(self, conn: Connection, args: str) -> None:
         name = normalize_name(args)
         room = self._rooms.get(name_key(name))
+        if room is None and self.cluster is not None:
+            name = self.cluster.room_names.get(name_key(name), name)  # as first spelt there
         # Leaving a room of one makes room for another.
         vanishing = conn.room is not self._lobby and len(conn.room.members) == 1
         if not name:
@@ -730,7 +865,11 @@ class Chat:
             self._move_to(conn, self._lobby)
 
     def _do_rooms(self, conn: Connection, args: str) -> None:
-        rooms = [f"{room.name} ({len(room.members)})" for room in self._rooms.values()]
+        sizes = {room.key: [room.name, len(room.members)] for room in self._rooms.values()}
+        if self.cluster is not None:
+            for key, count in self.cluster.room_sizes.items():
+                sizes.setdefault(key, [self.cluster.room_names[key], 0])[1] += count
+        rooms = [f"{name} ({count})" for name, count in sizes.values()]
         self._send(conn, "*** " + self._fitted_list("rooms", rooms, len(rooms), "rooms"))
 
     def _do_history(self, conn: Connection, args: str) -> None:
@@ -760,7 +899,11 @@ class Chat:
         """Send *conn* the *event* notice listing its room: its first *most* names, or all."""
         room = conn.room
         names = [member.name for member in itertools.islice(room.members, most)]
-        notice = self._fitted_list(event, names, len(room.members), "names", room=room.name)
+        count = len(room.members)
+        if self.cluster is not None and (elsewhere := self.cluster.members_in(room.key)):
+            names += elsewhere[: None if most is None else max(0, most - len(names))]
+            count += len(elsewhere)
+        notice = self._fitted_list(event, names, count, "names", room=room.name)
         self._send(conn, "*** " + notice)
 
     def _fitted_list(
@@ -791,6 +934,8 @@ class Chat:
         self._announce("joined", conn, room)
         room.members[conn] = None
         conn.room = room
+        if self._linked:
+            self._publish("member", name=conn.name, room_name=room.name)
         # Entering a big room costs no walk of the whole list: the first names will do.
         self._send_members(conn, "entered", most=self.limits.announce_up_to)
         if not room.announcing:  # so that nobody expects to see who comes and goes
@@ -805,7 +950,7 @@ class Chat:
         self._announce("left", conn, room, reason)
         if not room.members and room is not self._lobby:
             del self._rooms[room.key]
-            self.store.forget(room.key)
+            self._forget_if_empty(room.key)
 
     def _move_to(self, conn: Connection, room: Room) -> None:
         """Move *conn* from its room to *room*; both rooms are told."""
@@ -831,15 +976,19 @@ class Chat:
         past ``announce_up_to`` is not announced; instead, everyone in it is
         told that joins and leaves no longer are, until it is down to half.
         """
-        count, limit = len(room.members) + (event == "joined"), self.limits.announce_up_to
+        count, limit = self._room_size(room) + (event == "joined"), self.limits.announce_up_to
+        # The newcomer is not told of its own arrival, even once it is a
+        # member: when the line comes back from the broker.
+        skip = conn if event == "joined" else None
         if room.announcing and count > limit:
             room.announcing = False
-            self._broadcast(room, "*** " + format_notice("quiet", limit=limit))
+            self._broadcast(room, "*** " + format_notice("quiet", limit=limit), skip)
         elif not room.announcing and count <= limit // 2:
             room.announcing = True
-            self._broadcast(room, "*** " + format_notice("announcing", count=count))
+            self._broadcast(room, "*** " + format_notice("announcing", count=count), skip)
         elif room.announcing:
-            self._broadcast(room, "*** " + format_notice(event, name=conn.name, reason=reason))
+            notice = format_notice(event, name=conn.name, reason=reason)
+            self._broadcast(room, "*** " + notice, skip)
 
     def _leave(self, conn: Connection, now: float, reason: str = "") -> None:
         """Take *conn* out of the chat to say goodbye, and tell its room."""
@@ -873,16 +1022,132 @@ class Chat:
     def _send(self, conn: Connection, text: str) -> None:
         self._queue([conn], encode_line(text))
 
-    def _broadcast(self, room: Room, text: str) -> None:
+    def _broadcast(self, room: Room, text: str, skip: Connection | None = None) -> None:
+        """Send *text* to *room*'s members but *skip*, on every server.
+
+        With a broker it goes out as an event, and reaches this server's
+        members too only when it comes back: in the broker's order.
+        """
+        if self._linked:
+            self._publish("line", room=room.key, text=text, history=False, skip=_serial(skip))
+        else:
+            self._broadcast_here(room, text, skip)
+
+    def _broadcast_here(self, room: Room, text: str, skip: Connection | None = None) -> None:
+        """Send *text* to this server's members of *room* but *skip*."""
         # Encode once, queue the same bytes object for everyone: the cost
         # per receiver is one list append.
-        self._queue(list(room.members), encode_line(text))
+        members = list(room.members) if skip is None else [m for m in room.members if m is not skip]
+        self._queue(members, encode_line(text))
 
     def _relay(self, room: Room, line: str) -> None:
         """Broadcast a message to *room*, and keep it in the room's history."""
-        self._broadcast(room, line)
-        self.store.add(room.key, line)
+        if self._linked:
+            # Every server keeps it when it comes back, in the broker's order.
+            self._publish("line", room=room.key, text=line, history=True, skip=None)
+        else:
+            self._broadcast_here(room, line)
+            self._keep(room.key, line)
+
+    def _keep(self, room: str, line: str) -> None:
+        self.store.add(room, line)
         self._unsaved = True
+
+    def _send_everyone(self, text: str) -> None:
+        self._queue(list(self._members.values()), encode_line(text))
+
+    def _room_size(self, room: Room) -> int:
+        """Return how many are in *room*, on every server."""
+        elsewhere = self.cluster.room_sizes.get(room.key, 0) if self.cluster is not None else 0
+        return len(room.members) + elsewhere
+
+    # --- Events from the other servers (see chatlib.cluster.EVENTS) -------
+
+    @property
+    def _linked(self) -> bool:
+        return self.cluster is not None and self.cluster.linked
+
+    def _publish(self, kind: str, **fields: object) -> None:
+        self.cluster.publish(kind, self._clock, **fields)
+
+    def _roster(self) -> list[list[str]]:
+        return [[conn.name, conn.room.name] for conn in self._members.values()]
+
+    def _on_line(self, origin: str, event: dict) -> None:
+        key, text = event["room"], sanitize(event["text"])  # anyone may publish
+        if (room := self._rooms.get(key)) is not None:
+            skip = event["skip"] if origin == self.cluster.origin else None
+            self._queue([m for m in room.members if m.serial != skip], encode_line(text))
+        if event["history"]:
+            self._keep(key, text)
+
+    def _on_private(self, origin: str, event: dict) -> None:
+        if (target := self._members.get(event["to"])) is not None:
+            self._send(target, sanitize(event["text"]))
+
+    def _on_member(self, origin: str, event: dict) -> None:
+        name, room = normalize_name(event["name"]), normalize_name(event["room_name"])
+        if name_problem(name) is None and (room == LOBBY or room_problem(room) is None):
+            self._forget_if_empty(self.cluster.set_member(origin, name, room))
+            self._settle_claim(origin, name_key(name))
+
+    def _on_gone(self, origin: str, event: dict) -> None:
+        self._forget_if_empty(self.cluster.drop_member(origin, name_key(event["name"])))
+
+    def _on_renamed(self, origin: str, event: dict) -> None:
+        entry = self.cluster.peers[origin].members.get(name_key(event["old"]))
+        if entry is not None:
+            self.cluster.drop_member(origin, name_key(event["old"]))
+            self._on_member(origin, {"name": event["name"], "room_name": entry[1]})
+
+    def _on_roster(self, origin: str, event: dict) -> None:
+        peer = self.cluster.peers[origin]
+        left = [self.cluster.drop_member(origin, key) for key in list(peer.members)]
+        for entry in event["members"]:
+            if isinstance(entry, list) and len(entry) == 2 and all(map(_is_str, entry)):
+                self._on_member(origin, {"name": entry[0], "room_name": entry[1]})
+        for room in left:
+            self._forget_if_empty(room)
+        if event["reply"]:
+            self._publish("roster", members=self._roster(), reply=False)
+
+    def _on_alive(self, origin: str, event: dict) -> None:
+        pass  # being heard from was the point
+
+    def _on_bye(self, origin: str, event: dict) -> None:
+        self._forget_peer(origin, _PEER_GONE["bye"])
+
+    def _forget_peer(self, origin: str, reason: str) -> None:
+        """Let a server's members go, as it shut down or went silent; tell their rooms here."""
+        peer = self.cluster.drop_peer(origin)
+        for name, room_name in peer.members.values():
+            room = self._rooms.get(name_key(room_name))
+            if room is not None and room.announcing:
+                notice = format_notice("left", name=name, reason=reason)
+                self._broadcast_here(room, "*** " + notice)
+            self._forget_if_empty(name_key(room_name))
+
+    def _settle_claim(self, origin: str, key: str) -> None:
+        """Settle a name that a member here and one on *origin* both hold.
+
+        Two servers can give one name in the same moment, or during a split.
+        As IRC settles a nick collision, one side is renamed and told: the
+        server whose id sorts last, which both decide alike without a word.
+        """
+        holder = self._members.get(key)
+        if holder is not None and self.cluster.origin > origin:
+            new = self._new_guest_name()
+            self._send(holder, "*** " + format_notice("collision", old=holder.name, name=new))
+            self._rename(holder, new)
+
+    def _forget_if_empty(self, room: str | None) -> None:
+        """Drop the history of the room whose key is *room* if nobody is in it on any server."""
+        if (
+            room is not None
+            and room not in self._rooms
+            and (self.cluster is None or room not in self.cluster.room_sizes)
+        ):
+            self.store.forget(room)
 
     def _queue(self, conns: list[Connection], data: bytes) -> None:
         size = len(data)
@@ -913,6 +1178,14 @@ class Chat:
                 # A client that does not read must not make the server hold an
                 # ever-growing backlog: drop it, as IRC's "SendQ exceeded" does.
                 self._cut_off(conn, " (send queue exceeded)")
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _serial(conn: Connection | None) -> int | None:
+    return None if conn is None else conn.serial
 
 
 def _address_of(peer: object) -> object:

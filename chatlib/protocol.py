@@ -536,6 +536,28 @@ NOTICES = {
         "{old} is now known as {name}.",
         re.compile(rf"(?P<old>[^\s<>*]+) is now known as {_NAME}\."),
     ),
+    # Several servers on a broker (chatlib.cluster): the link down, and up again.
+    "split": (
+        "Lost the link to the other servers ({reason}): until it is back, only the people"
+        " on this server see what you say.",
+        re.compile(r"Lost the link to the other servers \((?P<reason>.*)\): until it is back, .*"),
+    ),
+    "linked": (
+        "Linked with the other servers again.",
+        re.compile(r"Linked with the other servers again\."),
+    ),
+    "lost-messages": (
+        "{count} messages from another server were lost on the way.",
+        re.compile(r"(?P<count>\d+) messages from another server were lost on the way\."),
+    ),
+    # Two servers gave one name at once, or during a split: one side is renamed.
+    "collision": (
+        "The name {old} was taken on another server at the same time: you are now {name}.",
+        re.compile(
+            rf"The name (?P<old>[^\s<>*]+) was taken on another server at the same time:"
+            rf" you are now {_NAME}\."
+        ),
+    ),
     # A room past Limits.announce_up_to members stops announcing joins and leaves.
     "quiet": (
         "More than {limit} here: joins and leaves are no longer announced; /who lists everyone.",

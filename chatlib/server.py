@@ -29,6 +29,7 @@ from chatlib.chat import Limits
 from chatlib.engines.base import ServerBase
 from chatlib.history import HistoryStore, StoreError
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
+from chatlib.redis_link import BrokerError
 from chatlib.sqlite_history import SQLiteHistory
 from chatlib.trace import Trace
 
@@ -65,6 +66,7 @@ def create_server(
     limits: Limits | None = None,
     store: HistoryStore | None = None,
     trace: Trace | None = None,
+    broker: str | None = None,
 ) -> ServerBase:
     """Return a bound, not yet started, server of the given *engine*.
 
@@ -73,11 +75,14 @@ def create_server(
     :class:`~chatlib.sqlite_history.SQLiteHistory`), which the caller
     closes once the server has stopped; without one, it is kept in memory.
     *trace*, if given, receives the engine's :mod:`chatlib.trace` events.
+    *broker*, a ``redis://HOST:PORT/DB`` URL, makes it one of the servers
+    of one chat on that Redis (see :mod:`chatlib.cluster`); it raises
+    :class:`~chatlib.redis_link.BrokerError` if redis-py is missing.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     module = importlib.import_module(f"chatlib.engines.{engine}")
-    return module.ChatServer(host, port, limits=limits, store=store, trace=trace)
+    return module.ChatServer(host, port, limits=limits, store=store, trace=trace, broker=broker)
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
@@ -215,6 +220,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
         help="keep the rooms' history in this SQLite file, across restarts and crashes"
         " (made if missing); without it, history is kept in memory",
     )
+    parser.add_argument(
+        "--broker",
+        metavar="redis://HOST:PORT/DB",
+        default=argparse.SUPPRESS,
+        help="make one chat with every server on this Redis (docs/scaling.md); needs"
+        " pip install 'chatlib[redis]'",
+    )
     for limit in dataclasses.fields(Limits):
         parser.add_argument(
             "--" + limit.name.replace("_", "-"),
@@ -258,7 +270,12 @@ def _serve(args: argparse.Namespace, limits: Limits) -> int:
 
 def _serve_with(args: argparse.Namespace, limits: Limits, store: HistoryStore | None) -> int:
     try:
-        server = create_server(args.engine, args.host, args.port, limits, store)
+        server = create_server(
+            args.engine, args.host, args.port, limits, store, broker=getattr(args, "broker", None)
+        )
+    except BrokerError as error:
+        print(f"{error}; no client was let in.", file=sys.stderr)
+        return 1
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             print(

@@ -486,7 +486,21 @@ def test_every_notice_is_covered():
         *("welcome", "members", "joined", "left", "renamed"),
         *("quiet", "announcing"),
         *("entered", "rooms", "history", "history-end"),
+        *("split", "linked", "lost-messages", "collision"),
     }
+
+
+@pytest.mark.parametrize(
+    ("event", "fields"),
+    [
+        ("split", {"reason": "Connection refused"}),
+        ("linked", {}),
+        ("lost-messages", {"count": "3"}),
+        ("collision", {"old": "alice", "name": "guest7-1a2b"}),
+    ],
+)
+def test_the_cluster_notices_round_trip(event, fields):
+    assert parse_notice(format_notice(event, **fields)) == (event, fields)
 
 
 def test_other_notices_are_not_recognised():

@@ -27,6 +27,7 @@ one of its own, in a thread (:meth:`~ChatServer.serve_forever`, or the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from types import TracebackType
 from typing import Any
@@ -190,6 +191,8 @@ class ChatServer(ServerBase):
         )
         self._log_listening()
         await self._server.start_serving()
+        if self.link is not None:
+            self.link.start()
 
     async def aclose(self) -> None:
         """Say goodbye to every client, close every socket; return when done.
@@ -341,6 +344,15 @@ class ChatServer(ServerBase):
             self.chat.deadline_reached(conn, self._loop.time())
             self._act_on_ready_soon()
 
+    def _from_broker(self, news: str, *args: object) -> None:
+        # From the link's threads. A loop that has closed has nobody left to tell.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._take_broker_news, news, args)
+
+    def _take_broker_news(self, news: str, args: tuple) -> None:
+        self._tell_chat(news, args, self._loop.time())
+        self._act_on_ready_soon()
+
     def _act_on_ready_soon(self) -> None:
         # Once per turn of the loop, after every callback of the turn: a
         # client gets all the lines of the turn in one write(). Two hops, not
@@ -409,6 +421,9 @@ class ChatServer(ServerBase):
                 self.chat.connection_lost(conn)
                 self._finish(conn, client)
             await asyncio.sleep(0)  # abort() calls connection_lost() on the next turn
+            if self.link is not None:
+                # After the goodbye, which it publishes first; it joins threads.
+                await self._loop.run_in_executor(None, self.link.stop)
             await self._server.wait_closed()
             # Retries of accept() still due fail on the closed listener: let
             # them, while this engine's error handler is there to drop them.

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import secrets
 import socket
 import struct
 import threading
 from types import TracebackType
 
 from chatlib.chat import Chat, Limits
+from chatlib.cluster import Cluster
 from chatlib.history import HistoryStore
 from chatlib.protocol import DEFAULT_HOST, DEFAULT_PORT
 from chatlib.trace import Trace
@@ -140,6 +142,11 @@ class ServerBase:
 
     *trace*, if given, is called with a :mod:`chatlib.trace` event at each
     accept, wait, read, write and close, from the engine's own thread(s).
+
+    *broker*, a ``redis://HOST:PORT/DB`` URL, joins this server to every
+    other server on that Redis to make one chat (see :mod:`chatlib.cluster`).
+    The link's news reaches the chat on the engine's own thread, through
+    the engine's way of being woken (:meth:`_from_broker`).
     """
 
     def __init__(
@@ -149,12 +156,22 @@ class ServerBase:
         limits: Limits | None = None,
         store: HistoryStore | None = None,
         trace: Trace | None = None,
+        broker: str | None = None,
     ) -> None:
+        #: The link to the other servers, or ``None`` for a server on its own.
+        self.link = None
+        cluster = None
+        if broker is not None:
+            from chatlib.redis_link import RedisLink  # only a cluster needs redis-py
+
+            self.link = RedisLink(broker, self._from_broker)
+            # New for every run: a restarted server numbers its events from 1 again.
+            cluster = Cluster(secrets.token_hex(4), self.link)
         self._listener = create_listener(host, port)
         #: ``(host, port)`` the server listens on; the real port if *port* was 0.
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         #: The chat the engine drives; its history goes to *store* (in memory if ``None``).
-        self.chat = Chat((limits or Limits()).for_listener(self.address[0]), store)
+        self.chat = Chat((limits or Limits()).for_listener(self.address[0]), store, cluster)
         self._thread: threading.Thread | None = None
         # Tested at every point an event could be built: None costs nothing else.
         self._trace = trace
@@ -212,6 +229,18 @@ class ServerBase:
 
     def _log_accept_paused(self, error: OSError) -> None:
         log.warning("[PAUSED] Cannot accept: %s; trying again in %g s.", error, ACCEPT_RETRY_DELAY)
+
+    def _from_broker(self, news: str, *args: object) -> None:
+        """Have the engine's thread call the chat's method *news* with *args* and its clock.
+
+        Called from the link's threads (see :mod:`chatlib.redis_link`); each
+        engine wakes itself its own way.
+        """
+        raise NotImplementedError
+
+    def _tell_chat(self, news: str, args: tuple, now: float) -> None:
+        """Call the chat's method *news* with *args* and *now*, on the engine's thread."""
+        getattr(self.chat, news)(*args, now)
 
     def _join_server_thread(self, timeout: float) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():

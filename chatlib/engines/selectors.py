@@ -25,6 +25,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from chatlib.chat import LINGER, Connection, State
@@ -88,6 +89,8 @@ class ChatServer(ServerBase):
         self._wakeup, self._wakeup_sender = socket.socketpair()
         self._wakeup.setblocking(False)
         self._wakeup_sender.setblocking(False)
+        # What the broker link said, for the loop to tell the chat: (news, args).
+        self._broker_news: deque[tuple[str, tuple]] = deque()
         # serve_forever() and stop() agree under this lock on who closes the
         # sockets, even when stop() comes first.
         self._lock = threading.Lock()
@@ -106,6 +109,8 @@ class ChatServer(ServerBase):
         self._log_listening()
         self._selector.register(self._listener, _READ)
         self._selector.register(self._wakeup, _READ)
+        if self.link is not None:
+            self.link.start()
         try:
             while not self._stopping.is_set():
                 self._run_once(self._time_to_next_timer())
@@ -124,6 +129,8 @@ class ChatServer(ServerBase):
             for conn, client in list(self._clients.items()):
                 self.chat.connection_lost(conn)
                 self._finish(conn, client)
+            if self.link is not None:
+                self.link.stop()  # after the goodbye, which it publishes first
             self._close()
             self._stopped.set()
 
@@ -251,6 +258,16 @@ class ChatServer(ServerBase):
         if conn in self._clients:  # the chat ignores deadlines that have moved
             self.chat.deadline_reached(conn, time.monotonic())
 
+    def _from_broker(self, news: str, *args: object) -> None:
+        # From the link's threads: queue it, and wake select() as stop() does.
+        self._broker_news.append((news, args))
+        self._wake_loop()
+
+    def _drain_broker_news(self) -> None:
+        while self._broker_news:
+            news, args = self._broker_news.popleft()
+            self._tell_chat(news, args, time.monotonic())
+
     def _wake_loop(self) -> None:
         # select() has no portable way to be interrupted from another
         # thread, but it returns as soon as one of its sockets is readable.
@@ -274,7 +291,8 @@ class ChatServer(ServerBase):
             if key.fileobj is self._listener:
                 self._accept_waiting()
             elif key.fileobj is self._wakeup:
-                self._wakeup.recv(64)  # stop() woke us; the caller checks why
+                self._wakeup.recv(64)  # stop() or the broker link woke us
+                self._drain_broker_news()
             else:
                 conn = key.data
                 client = self._clients[conn]

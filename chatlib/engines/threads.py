@@ -144,6 +144,8 @@ class ChatServer(ServerBase):
             return  # stop() came first and closed everything
         self._sender = threading.Thread(target=self._send, daemon=True)
         self._sender.start()
+        if self.link is not None:
+            self.link.start()
         self._log_listening()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wakeup, selectors.EVENT_READ)
@@ -192,6 +194,8 @@ class ChatServer(ServerBase):
         with self._lock:
             self._news.notify()  # nothing left to send: the sender sees _stopping
         self._sender.join(LINGER)
+        if self.link is not None:
+            self.link.stop()  # after the goodbye, which it publishes first
 
     # --- Private methods ------------------------------------------------
 
@@ -450,6 +454,12 @@ class ChatServer(ServerBase):
                 client.sending = True
                 output.append((conn, client, data, last))
         return output
+
+    def _from_broker(self, news: str, *args: object) -> None:
+        # From the link's threads, which may call the chat under the lock as readers do.
+        with self._lock:
+            self._tell_chat(news, args, time.monotonic())
+            self._news.notify()
 
     def _reach_deadlines(self) -> bool:
         """Tell the chat about every deadline that has passed; return whether any had."""

@@ -1,0 +1,189 @@
+"""The link from one server to the others, on Redis pub/sub: bytes out, bytes in, and news.
+
+A :class:`RedisLink` carries a server's events (see :mod:`chatlib.cluster`)
+to every server on one Redis, itself included, and hands back what comes,
+in Redis's order. It decides nothing: it tells its engine what happened
+through a callback, ``deliver(news, *args)``, where *news* names the
+:class:`~chatlib.chat.Chat` method the engine calls on its own thread, with
+its clock:
+
+- ``"broker_connected"``: subscribed, and publishing;
+- ``"receive_broker_message"`` with the bytes of one event;
+- ``"broker_lost"`` with the reason: the connection failed, or Redis
+  dropped us (a subscriber that falls behind past Redis's
+  ``client-output-buffer-limit pubsub`` is disconnected);
+- ``"broker_tick"``, every :data:`~chatlib.cluster.HEARTBEAT` seconds.
+
+Two threads of its own, whatever the engine: a *reader* blocked on the
+subscription, which also connects and reconnects with backoff, and a
+*writer* that publishes each batch the chat hands over with one round trip
+(a pipeline) and keeps the heartbeat. redis-py's blocking client is used
+rather than ``redis.asyncio``: the same link then serves all three engines,
+each of which already has a way to be woken from another thread.
+
+It needs redis-py: ``pip install 'chatlib[redis]'``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from chatlib.cluster import HEARTBEAT
+
+try:
+    import redis
+except ImportError:  # the extra is not installed: RedisLink() says so
+    redis = None
+
+__all__ = ["BACKOFF", "CHANNEL", "BrokerError", "RedisLink"]
+
+#: The pub/sub channel every server of one chat publishes and listens on.
+CHANNEL = "chatlib:events"
+
+#: Waits between tries to reconnect: from the first to the longest, doubling.
+BACKOFF = (0.1, 5.0)
+
+# How long the reader waits for a message before it checks whether to stop.
+_POLL = 0.2
+
+
+class BrokerError(Exception):
+    """A broker that cannot be used as given, with a message for the user."""
+
+
+class RedisLink:
+    """A server's link to the other servers through the Redis at *url*.
+
+    *deliver* is called from the link's threads; it must hand the news to
+    the engine's thread without blocking (see the module's docstring).
+    """
+
+    def __init__(self, url: str, deliver: Callable[..., None], channel: str = CHANNEL) -> None:
+        if redis is None:
+            raise BrokerError("--broker needs redis-py: pip install 'chatlib[redis]'")
+        try:
+            # Timeouts, so that a Redis that vanishes without a reset cannot
+            # hold a thread forever; a pub/sub connection waits with its own.
+            self._pool = redis.ConnectionPool.from_url(
+                url, socket_connect_timeout=2.0, socket_timeout=5.0, socket_keepalive=True
+            )
+        except ValueError as error:
+            raise BrokerError(f"--broker {url}: {error}") from None
+        self._deliver = deliver
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._outgoing: list[bytes] = []
+        # Bumped by the reader at each new subscription; the writer drops what
+        # was queued before it, as the chat treats all of that as undelivered.
+        self._generation = 0
+        self._connected = False
+        self._broken = threading.Event()  # the writer saw the connection fail
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._read, name="chatlib broker reader", daemon=True),
+            threading.Thread(target=self._write, name="chatlib broker writer", daemon=True),
+        ]
+
+    def start(self) -> None:
+        """Connect (and keep reconnecting) in the background."""
+        for thread in self._threads:
+            thread.start()
+
+    def publish(self, messages: list[bytes]) -> None:
+        """Queue *messages* to be published in order; never blocks.
+
+        While the link is down they are dropped: the chat delivers its own
+        lines itself once it hears of the failure.
+        """
+        with self._lock:
+            if self._connected:
+                self._outgoing.extend(messages)
+                self._wakeup.notify()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Publish what is queued (the goodbye), disconnect, end both threads."""
+        self._stopping.set()
+        with self._lock:
+            self._wakeup.notify()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self._pool.disconnect()
+
+    # --- The reader -------------------------------------------------------
+
+    def _read(self) -> None:
+        delay = BACKOFF[0]
+        while not self._stopping.is_set():
+            pubsub = redis.Redis(connection_pool=self._pool).pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._channel)
+                self._broken.clear()
+                with self._lock:
+                    self._generation += 1
+                    self._outgoing.clear()
+                    self._connected = True
+                self._deliver("broker_connected")
+                delay = BACKOFF[0]
+                self._listen(pubsub)
+            except (redis.RedisError, OSError) as error:
+                reason = str(error) or type(error).__name__
+            else:
+                reason = "the link was closed"
+            finally:
+                pubsub.close()
+            with self._lock:
+                was_connected, self._connected = self._connected, False
+            if was_connected and not self._stopping.is_set():
+                self._deliver("broker_lost", reason)
+            if self._stopping.wait(delay):
+                return
+            delay = min(2 * delay, BACKOFF[1])
+
+    def _listen(self, pubsub: redis.client.PubSub) -> None:
+        """Hand every message on to the chat until the link fails or stops."""
+        while not self._stopping.is_set():
+            if self._broken.is_set():
+                raise redis.ConnectionError("publishing failed")
+            message = pubsub.get_message(timeout=_POLL)
+            if message is not None and message["type"] == "message":
+                self._deliver("receive_broker_message", message["data"])
+
+    # --- The writer -------------------------------------------------------
+
+    def _write(self) -> None:
+        client = redis.Redis(connection_pool=self._pool)
+        next_tick = time.monotonic() + HEARTBEAT
+        while True:
+            with self._lock:
+                while not self._outgoing and not self._stopping.is_set():
+                    wait = next_tick - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._wakeup.wait(wait)
+                batch, self._outgoing = self._outgoing, []
+                generation = self._generation
+            if batch:
+                self._publish(client, batch, generation)
+            if self._stopping.is_set():
+                return
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + HEARTBEAT
+                self._deliver("broker_tick")
+
+    def _publish(self, client: redis.Redis, batch: list[bytes], generation: int) -> None:
+        pipeline = client.pipeline(transaction=False)
+        for message in batch:
+            pipeline.publish(self._channel, message)
+        try:
+            with self._lock:
+                if generation != self._generation:
+                    return  # queued on a link that has failed since
+            pipeline.execute()
+        except (redis.RedisError, OSError):
+            # The reader hears of it and reconnects; the chat delivers its own.
+            self._broken.set()

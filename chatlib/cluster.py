@@ -199,9 +199,7 @@ class Cluster:
     def silent_peers(self, now: float) -> list[str]:
         """Return the origins of the servers not heard from for :data:`SERVER_LOST_AFTER`."""
         return [
-            origin
-            for origin, peer in self.peers.items()
-            if now - peer.heard_at > SERVER_LOST_AFTER
+            origin for origin, peer in self.peers.items() if now - peer.heard_at > SERVER_LOST_AFTER
         ]
 
     def holder(self, key: str) -> tuple[str, str] | None:

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from chatlib.cluster import Cluster, Peer, decode_event
+from chatlib.cluster import Cluster, Peer, decode_event, history_id
 from chatlib.history import HISTORY_KEPT, HISTORY_SHOWN, HistoryStore, MemoryHistory
 from chatlib.protocol import (
     CLIENT_MAX_LINE,
@@ -367,6 +367,9 @@ class Chat:
         self._over_limit: dict[Connection, None] = {}
         self._guest_number = 0
         self._clock = float("-inf")  # the latest time a caller gave
+        # room key -> the id of the newest line of its history on the broker
+        # that the store holds: older ones coming back are not kept twice.
+        self._history_ids: dict[str, tuple[int, int]] = {}
 
     # --- Public methods -------------------------------------------------
 
@@ -497,13 +500,19 @@ class Chat:
 
     # --- Several servers (see chatlib.cluster) ---------------------------
 
-    def broker_connected(self, now: float) -> None:
+    def broker_connected(self, history: dict[str, list[tuple[str, bytes]]], now: float) -> None:
         """Handle the link to the broker coming up: say who is here, and ask the others.
 
         From now on every line for a room goes through the broker, and comes
-        back to be delivered. Coming back after a split is told to everyone.
+        back to be delivered. *history* is every room's history as the broker
+        keeps it, read once subscribed: room key -> ``(entry id, event)``,
+        oldest first. It replaces what the store held of those rooms, so
+        that every server replays the same. Coming back after a split is
+        told to everyone.
         """
         self._clock = now
+        for room, entries in history.items():
+            self._load_history(room, entries)
         cluster = self.cluster
         cluster.linked = True
         cluster.forget_peers()  # what they said before may be stale; they answer anew
@@ -950,7 +959,7 @@ class Chat:
         self._announce("left", conn, room, reason)
         if not room.members and room is not self._lobby:
             del self._rooms[room.key]
-            self._forget_if_empty(room.key)
+            self._forget_if_empty(room.key, here=True)
 
     def _move_to(self, conn: Connection, room: Room) -> None:
         """Move *conn* from its room to *room*; both rooms are told."""
@@ -1044,7 +1053,7 @@ class Chat:
         """Broadcast a message to *room*, and keep it in the room's history."""
         if self._linked:
             # Every server keeps it when it comes back, in the broker's order.
-            self._publish("line", room=room.key, text=line, history=True, skip=None)
+            self._publish("line", room.key, room=room.key, text=line, history=True, skip=None)
         else:
             self._broadcast_here(room, line)
             self._keep(room.key, line)
@@ -1067,8 +1076,8 @@ class Chat:
     def _linked(self) -> bool:
         return self.cluster is not None and self.cluster.linked
 
-    def _publish(self, kind: str, **fields: object) -> None:
-        self.cluster.publish(kind, self._clock, **fields)
+    def _publish(self, kind: str, keep_in: str | None = None, **fields: object) -> None:
+        self.cluster.publish(kind, self._clock, keep_in, **fields)
 
     def _roster(self) -> list[list[str]]:
         return [[conn.name, conn.room.name] for conn in self._members.values()]
@@ -1079,7 +1088,21 @@ class Chat:
             skip = event["skip"] if origin == self.cluster.origin else None
             self._queue([m for m in room.members if m.serial != skip], encode_line(text))
         if event["history"]:
-            self._keep(key, text)
+            hid = history_id(event.get("hid", ""))
+            if hid is None or hid > self._history_ids.get(key, (0, 0)):
+                self._keep(key, text)
+                if hid is not None:
+                    self._history_ids[key] = hid
+
+    def _load_history(self, room: str, entries: list[tuple[str, bytes]]) -> None:
+        """Make the store hold *room*'s history as the broker keeps it."""
+        self.store.forget(room)
+        self._history_ids.pop(room, None)
+        for hid, data in entries:
+            event = decode_event(data)
+            if event is not None and event["kind"] == "line" and history_id(hid) is not None:
+                self._keep(room, sanitize(event["text"]))
+                self._history_ids[room] = history_id(hid)
 
     def _on_private(self, origin: str, event: dict) -> None:
         if (target := self._members.get(event["to"])) is not None:
@@ -1125,7 +1148,8 @@ class Chat:
             if room is not None and room.announcing:
                 notice = format_notice("left", name=name, reason=reason)
                 self._broadcast_here(room, "*** " + notice)
-            self._forget_if_empty(name_key(room_name))
+            # Nobody else will ever leave it: drop the broker's copy too.
+            self._forget_if_empty(name_key(room_name), here=True)
 
     def _settle_claim(self, origin: str, key: str) -> None:
         """Settle a name that a member here and one on *origin* both hold.
@@ -1140,14 +1164,22 @@ class Chat:
             self._send(holder, "*** " + format_notice("collision", old=holder.name, name=new))
             self._rename(holder, new)
 
-    def _forget_if_empty(self, room: str | None) -> None:
-        """Drop the history of the room whose key is *room* if nobody is in it on any server."""
+    def _forget_if_empty(self, room: str | None, here: bool = False) -> None:
+        """Drop the history of the room whose key is *room* if nobody is in it on any server.
+
+        *here* says that the last one left from this server: the broker's
+        copy of the history goes too, so that a server that joins later
+        does not bring the room's old lines back.
+        """
         if (
             room is not None
             and room not in self._rooms
             and (self.cluster is None or room not in self.cluster.room_sizes)
         ):
             self.store.forget(room)
+            self._history_ids.pop(room, None)
+            if here and self._linked:
+                self.cluster.forget_history(room)
 
     def _queue(self, conns: list[Connection], data: bytes) -> None:
         size = len(data)

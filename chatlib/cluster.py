@@ -17,7 +17,11 @@ reads a clock or a socket.
 
 An event on the wire is one JSON object: ``origin`` (the server's id),
 ``seq`` (1, 2, 3... per origin), ``kind`` (a key of :data:`EVENTS`), and
-the fields that kind has.
+the fields that kind has. A line kept in a room's history also carries
+``hid``, its entry's id in the room's history on the broker (a Redis
+stream id, ``"<ms>-<n>"``): the broker numbers history, so that a server
+that joins late loads the same history as everyone, and knows which lines
+it has already.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ __all__ = [
     "SERVER_LOST_AFTER",
     "Broker",
     "Cluster",
+    "Outgoing",
     "Peer",
     "decode_event",
     "encode_event",
+    "history_id",
 ]
 
 #: How often a link ticks (:meth:`chatlib.chat.Chat.broker_tick`), and how
@@ -76,11 +82,18 @@ EVENTS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
+#: What a server hands its link, in order: ``(room, event)``. An event for
+#: every server, this one included, kept in *room*'s history on the broker
+#: unless *room* is ``None``; or, with no event, *room*'s history to drop,
+#: as the room is gone from every server.
+Outgoing = tuple[str | None, bytes | None]
+
+
 class Broker(Protocol):
     """What the chat needs of a link to the other servers: somewhere to put its events."""
 
-    def publish(self, messages: list[bytes]) -> None:
-        """Send *messages* to every server, this one included, in order; never block."""
+    def publish(self, messages: list[Outgoing]) -> None:
+        """Carry out *messages* (see :data:`Outgoing`) in order; never block."""
 
 
 @dataclass
@@ -119,9 +132,18 @@ def decode_event(data: bytes) -> dict[str, Any] | None:
         or not isinstance(event.get("origin"), str)
         or type(event.get("seq")) is not int
         or not all(isinstance(event.get(name), kind) for name, kind in fields.items())
+        or not isinstance(event.get("hid", ""), str)
     ):
         return None
     return event
+
+
+def history_id(hid: str) -> tuple[int, int] | None:
+    """Return a history entry's id (``"<ms>-<n>"``) as a pair that sorts as the broker's order."""
+    ms, _, n = hid.partition("-")
+    if not (ms.isascii() and ms.isdigit() and n.isascii() and n.isdigit()):
+        return None
+    return int(ms), int(n)
 
 
 class Cluster:
@@ -152,18 +174,25 @@ class Cluster:
         self.room_sizes: dict[str, int] = {}
         self.room_names: dict[str, str] = {}
         self._seq = 0
-        self._outbox: list[bytes] = []
+        self._outbox: list[Outgoing] = []
         # seq -> (kind, fields) of this server's events not yet back: what
         # its own clients would miss if the link fell now.
         self._in_flight: dict[int, tuple[str, dict[str, Any]]] = {}
         self._published_at = float("-inf")
 
-    def publish(self, kind: str, now: float, **fields: Any) -> None:
-        """Queue an event of *kind* for every server; it leaves at :meth:`flush`."""
+    def publish(self, kind: str, now: float, keep_in: str | None = None, **fields: Any) -> None:
+        """Queue an event of *kind* for every server; it leaves at :meth:`flush`.
+
+        *keep_in*, a room's key, has the broker keep it in that room's history.
+        """
         self._seq += 1
-        self._outbox.append(encode_event(self.origin, self._seq, kind, fields))
+        self._outbox.append((keep_in, encode_event(self.origin, self._seq, kind, fields)))
         self._in_flight[self._seq] = (kind, fields)
         self._published_at = now
+
+    def forget_history(self, room: str) -> None:
+        """Queue the dropping of *room*'s history on the broker: nobody is in it any more."""
+        self._outbox.append((room, None))
 
     def flush(self) -> None:
         """Hand the queued events to the broker, all at once."""

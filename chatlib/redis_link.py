@@ -7,7 +7,7 @@ through a callback, ``deliver(news, *args)``, where *news* names the
 :class:`~chatlib.chat.Chat` method the engine calls on its own thread, with
 its clock:
 
-- ``"broker_connected"``: subscribed, and publishing;
+- ``"broker_connected"`` with every room's history: subscribed, and publishing;
 - ``"receive_broker_message"`` with the bytes of one event;
 - ``"broker_lost"`` with the reason: the connection failed, or Redis
   dropped us (a subscriber that falls behind past Redis's
@@ -17,7 +17,16 @@ its clock:
 Two threads of its own, whatever the engine: a *reader* blocked on the
 subscription, which also connects and reconnects with backoff, and a
 *writer* that publishes each batch the chat hands over with one round trip
-(a pipeline) and keeps the heartbeat. redis-py's blocking client is used
+(a pipeline) and keeps the heartbeat.
+
+Rooms' history is kept on Redis too, as one stream per room capped at
+:data:`~chatlib.history.HISTORY_KEPT` entries (``XADD ... MAXLEN ~``): a
+line to keep is added and published by one Lua script, which Redis runs
+whole before anything else, so the stream's order is the channel's. The
+entry's id goes out inside the event (``hid``). Once subscribed, the
+reader reads every room's stream and hands it over with
+``"broker_connected"``: a server that joins late, or again after a split,
+replays the same history as everyone. redis-py's blocking client is used
 rather than ``redis.asyncio``: the same link then serves all three engines,
 each of which already has a way to be woken from another thread.
 
@@ -30,17 +39,36 @@ import threading
 import time
 from collections.abc import Callable
 
-from chatlib.cluster import HEARTBEAT
+from chatlib.cluster import HEARTBEAT, Outgoing
+from chatlib.history import HISTORY_KEPT
 
 try:
     import redis
 except ImportError:  # the extra is not installed: RedisLink() says so
     redis = None
 
-__all__ = ["BACKOFF", "CHANNEL", "BrokerError", "RedisLink"]
+__all__ = ["BACKOFF", "CHANNEL", "HISTORY_IDLE_EXPIRY", "BrokerError", "RedisLink"]
 
 #: The pub/sub channel every server of one chat publishes and listens on.
 CHANNEL = "chatlib:events"
+
+#: The history of a room whose last member left is dropped by that member's
+#: server; a room whose servers all died without a word is dropped this
+#: many seconds after its last line.
+HISTORY_IDLE_EXPIRY = 24 * 3600
+
+_HISTORY_KEY = "chatlib:history:"  # and the room's key
+_HISTORY_ROOMS = "chatlib:history-rooms"  # the set of those keys
+
+# KEYS: the room's stream, the set of streams. ARGV: the channel, the event,
+# the cap, the expiry. The entry's id is spliced in as the event's first
+# field: every event is a JSON object, "{...}".
+_KEEP_AND_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('SADD', KEYS[2], KEYS[1])
+return redis.call('PUBLISH', ARGV[1], '{"hid":"' .. id .. '",' .. string.sub(ARGV[2], 2))
+"""
 
 #: Waits between tries to reconnect: from the first to the longest, doubling.
 BACKOFF = (0.1, 5.0)
@@ -75,7 +103,7 @@ class RedisLink:
         self._channel = channel
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
-        self._outgoing: list[bytes] = []
+        self._outgoing: list[Outgoing] = []
         # Bumped by the reader at each new subscription; the writer drops what
         # was queued before it, as the chat treats all of that as undelivered.
         self._generation = 0
@@ -92,8 +120,8 @@ class RedisLink:
         for thread in self._threads:
             thread.start()
 
-    def publish(self, messages: list[bytes]) -> None:
-        """Queue *messages* to be published in order; never blocks.
+    def publish(self, messages: list[Outgoing]) -> None:
+        """Queue *messages* (see :data:`chatlib.cluster.Outgoing`) in order; never blocks.
 
         While the link is down they are dropped: the chat delivers its own
         lines itself once it hears of the failure.
@@ -121,13 +149,16 @@ class RedisLink:
         while not self._stopping.is_set():
             pubsub = redis.Redis(connection_pool=self._pool).pubsub(ignore_subscribe_messages=True)
             try:
+                # Subscribed first, then the history read: a line kept meanwhile
+                # comes twice, and its id tells the chat it has it already.
                 pubsub.subscribe(self._channel)
+                history = self._read_history()
                 self._broken.clear()
                 with self._lock:
                     self._generation += 1
                     self._outgoing.clear()
                     self._connected = True
-                self._deliver("broker_connected")
+                self._deliver("broker_connected", history)
                 delay = BACKOFF[0]
                 self._listen(pubsub)
             except (redis.RedisError, OSError) as error:
@@ -144,6 +175,19 @@ class RedisLink:
                 return
             delay = min(2 * delay, BACKOFF[1])
 
+    def _read_history(self) -> dict[str, list[tuple[str, bytes]]]:
+        """Return every room's history on Redis: room key -> (entry id, event), oldest first."""
+        client = redis.Redis(connection_pool=self._pool)
+        history = {}
+        for key in client.smembers(_HISTORY_ROOMS):
+            entries = client.xrevrange(key, count=HISTORY_KEPT)
+            if not entries:  # expired, or dropped
+                client.srem(_HISTORY_ROOMS, key)
+                continue
+            room = key.decode()[len(_HISTORY_KEY) :]
+            history[room] = [(hid.decode(), fields[b"event"]) for hid, fields in reversed(entries)]
+        return history
+
     def _listen(self, pubsub: redis.client.PubSub) -> None:
         """Hand every message on to the chat until the link fails or stops."""
         while not self._stopping.is_set():
@@ -157,6 +201,7 @@ class RedisLink:
 
     def _write(self) -> None:
         client = redis.Redis(connection_pool=self._pool)
+        self._keep_and_publish = client.register_script(_KEEP_AND_PUBLISH)
         next_tick = time.monotonic() + HEARTBEAT
         while True:
             with self._lock:
@@ -175,10 +220,18 @@ class RedisLink:
                 next_tick = time.monotonic() + HEARTBEAT
                 self._deliver("broker_tick")
 
-    def _publish(self, client: redis.Redis, batch: list[bytes], generation: int) -> None:
+    def _publish(self, client: redis.Redis, batch: list[Outgoing], generation: int) -> None:
         pipeline = client.pipeline(transaction=False)
-        for message in batch:
-            pipeline.publish(self._channel, message)
+        for room, event in batch:
+            if room is None:
+                pipeline.publish(self._channel, event)
+            elif event is None:
+                pipeline.delete(_HISTORY_KEY + room)
+                pipeline.srem(_HISTORY_ROOMS, _HISTORY_KEY + room)
+            else:
+                keys = [_HISTORY_KEY + room, _HISTORY_ROOMS]
+                args = [self._channel, event, HISTORY_KEPT, HISTORY_IDLE_EXPIRY]
+                self._keep_and_publish(keys=keys, args=args, client=pipeline)
         try:
             with self._lock:
                 if generation != self._generation:

@@ -115,8 +115,8 @@ def cluster(redis_server, health):
     """Return a function that starts a chatlib server of an engine on *redis_server*'s Redis."""
     with contextlib.ExitStack() as stack:
 
-        def start(engine: str):
-            limits = Limits(**TEST_LIMITS)
+        def start(engine: str, **limits):
+            limits = Limits(**{**TEST_LIMITS, **limits})
             server = create_server(engine, "127.0.0.1", 0, limits, broker=redis_server.url)
             stack.enter_context(server)
             wait_until(lambda: server.chat.cluster.linked, what=f"{engine} linked")
@@ -246,6 +246,31 @@ def test_guests_on_two_servers_never_share_a_name(cluster, connect):
     finally:
         one.close()
         two.close()
+
+
+def test_a_server_that_joins_late_replays_the_same_history(redis_server, cluster, connect):
+    first = cluster("threads", history=20)
+    alice = named(connect, first, "alice")
+    alice.say("/join #maths", "one", "two", "three")
+    alice.expect("<alice> three")
+    ann = named(connect, first, "ann")
+    ann.say("/join #art", "paint")
+    ann.expect("<ann> paint")
+    ann.say("/part")  # #art is empty everywhere now: its history goes
+    ann.expect_notice("entered", room="#lobby")
+    with redis_server.client() as client:
+        wait_until(lambda: not client.exists("chatlib:history:#art"), what="#art's stream dropped")
+        assert client.xlen("chatlib:history:#maths") == 3
+
+    late = cluster("asyncio", history=20)
+    bob = connect(late)
+    bob.say("/join #maths")
+    replay = bob.read_until(lambda line: line.startswith("*** End of recent messages"))
+    assert bob.messages(replay) == ["<alice> one", "<alice> two", "<alice> three"]
+    bob.say("/join #art")
+    bob.expect_notice("entered", room="#art")
+    bob.say("/history")
+    bob.expect("*** No messages in #art yet.")
 
 
 # --- Failures -------------------------------------------------------------------------

@@ -236,6 +236,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
             help=limit.metadata["help"],
         )
     args = parser.parse_args(argv)
+    if "store" in args and "broker" in args:
+        parser.error("--store and --broker do not go together: with --broker, history is on Redis")
     try:
         limits = Limits(
             **{field.name: getattr(args, field.name, None) for field in dataclasses.fields(Limits)}

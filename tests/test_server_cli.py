@@ -186,6 +186,8 @@ def test_help_mentions_every_option():
         "--sendq",
         "--rate",
         "--burst",
+        "--store",
+        "--broker",
     ]
     for option in options:
         assert option in result.stdout
@@ -224,6 +226,17 @@ def test_a_useless_limit_is_one_clear_error():
         "error: sendq (10) must be at least max-line (512)"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_store_and_broker_together_are_one_clear_error(tmp_path):
+    command = [sys.executable, "-m", "chatlib.server", "--port", "0"]
+    command += ["--store", str(tmp_path / "history.db"), "--broker", "redis://127.0.0.1:1/0"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(
+        "error: --store and --broker do not go together: with --broker, history is on Redis"
+    )
+    assert not (tmp_path / "history.db").exists()
 
 
 # --- An unread stdout (issue: the log blocks the loops) ----------------------

@@ -162,6 +162,9 @@ class ServerBase:
         self.link = None
         cluster = None
         if broker is not None:
+            if store is not None:
+                # Every server would keep every line, and reload Redis's on each link.
+                raise ValueError("a server with a broker keeps its history on Redis: no store")
             from chatlib.redis_link import RedisLink  # only a cluster needs redis-py
 
             self.link = RedisLink(broker, self._from_broker)

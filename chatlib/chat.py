@@ -49,6 +49,7 @@ from chatlib.protocol import (
     parse_command,
     room_problem,
     sanitize,
+    split_member,
 )
 
 #: Why a user on another server is gone without leaving, as their ``left`` notice says.
@@ -398,6 +399,8 @@ class Chat:
                 self._reschedule(conn)
             self._send(conn, "*** " + format_notice("welcome", name=conn.name))
             self._enter(conn, self._lobby)
+            if self.cluster is not None:
+                self._send(conn, "*** " + self._server_notice())
         self._drop_over_limit()
         return conn
 
@@ -801,7 +804,8 @@ class Chat:
             self._relay(conn.room, f"* {conn.name} {action}")
 
     def _do_msg(self, conn: Connection, args: str) -> None:
-        name, _, text = args.partition(" ")
+        entry, _, text = args.partition(" ")
+        name = split_member(entry)[0]  # as /who lists it, alice@1f0a will do
         text = text.strip()
         if not name or not text:
             self._send_usage(conn, "msg")
@@ -907,7 +911,9 @@ class Chat:
     def _send_members(self, conn: Connection, event: str, most: int | None = None) -> None:
         """Send *conn* the *event* notice listing its room: its first *most* names, or all."""
         room = conn.room
-        names = [member.name for member in itertools.islice(room.members, most)]
+        # With several servers, each name comes with its server: alice@1f0a.
+        here = "" if self.cluster is None else "@" + self.cluster.tag
+        names = [member.name + here for member in itertools.islice(room.members, most)]
         count = len(room.members)
         if self.cluster is not None and (elsewhere := self.cluster.members_in(room.key)):
             names += elsewhere[: None if most is None else max(0, most - len(names))]
@@ -996,7 +1002,8 @@ class Chat:
             room.announcing = True
             self._broadcast(room, "*** " + format_notice("announcing", count=count), skip)
         elif room.announcing:
-            notice = format_notice(event, name=conn.name, reason=reason)
+            where = "" if self.cluster is None else f" on server {self.cluster.tag}"
+            notice = format_notice(event, name=conn.name, reason=reason, where=where)
             self._broadcast(room, "*** " + notice, skip)
 
     def _leave(self, conn: Connection, now: float, reason: str = "") -> None:
@@ -1064,6 +1071,15 @@ class Chat:
 
     def _send_everyone(self, text: str) -> None:
         self._queue(list(self._members.values()), encode_line(text))
+
+    def _server_notice(self) -> str:
+        cluster = self.cluster
+        state = (
+            f"linked with {len(cluster.peers)} other servers"
+            if cluster.linked
+            else "not linked to the other servers right now"
+        )
+        return format_notice("server", server=cluster.tag, state=state)
 
     def _room_size(self, room: Room) -> int:
         """Return how many are in *room*, on every server."""

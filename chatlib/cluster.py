@@ -36,6 +36,7 @@ __all__ = [
     "EVENTS",
     "HEARTBEAT",
     "SERVER_LOST_AFTER",
+    "TAG_LENGTH",
     "Broker",
     "Cluster",
     "Outgoing",
@@ -54,6 +55,9 @@ HEARTBEAT = 1.0
 #: frees its users' names this long after its last word. Ten heartbeats,
 #: so that a loaded machine's late ticks never pass for a death.
 SERVER_LOST_AFTER = 10.0
+
+#: How many characters of a server's id name it to users: ``guest3-1f0a``, ``alice@1f0a``.
+TAG_LENGTH = 4
 
 _OPTIONAL_INT = (int, type(None))
 
@@ -159,7 +163,7 @@ class Cluster:
         self.origin = origin
         #: A short form of the id, which guests' names carry so that two
         #: servers never hand out the same one.
-        self.tag = origin[:4]
+        self.tag = origin[:TAG_LENGTH]
         self.broker = broker
         #: Whether the link to the broker is up: events go out and come back.
         #: While it is down, the chat serves this server's clients alone.
@@ -239,12 +243,12 @@ class Cluster:
         return None
 
     def members_in(self, room: str) -> list[str]:
-        """Return the names of the other servers' members in the room whose key is *room*."""
+        """Return the other servers' members in the room whose key is *room*, as ``name@server``."""
         if not self.room_sizes.get(room):
             return []
         return [
-            name
-            for peer in self.peers.values()
+            f"{name}@{origin[:TAG_LENGTH]}"
+            for origin, peer in self.peers.items()
             for name, room_name in peer.members.values()
             if name_key(room_name) == room
         ]

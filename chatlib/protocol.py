@@ -11,6 +11,7 @@ in ``\\n`` (``\\r\\n`` accepted). ``docs/protocol.md`` has the full story.
 
 from __future__ import annotations
 
+import collections
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "parse_server_line",
     "room_problem",
     "sanitize",
+    "split_member",
 ]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -530,13 +532,24 @@ NOTICES = {
         "End of recent messages in {room}.",
         re.compile(rf"End of recent messages in {_ROOM}\."),
     ),
-    "joined": ("{name} joined.", re.compile(rf"{_NAME} joined\.")),
+    # With several servers (chatlib.cluster), a newcomer's server is named:
+    # "alice joined on server 1f0a."; member lists then give each name's
+    # server too, "alice@1f0a" (see split_member).
+    "joined": (
+        "{name} joined{where}.",
+        re.compile(rf"{_NAME} joined(?: on server (?P<server>[0-9a-f]+))?\."),
+    ),
     "left": ("{name} left{reason}.", re.compile(rf"{_NAME} left(?: \(.*\))?\.")),
     "renamed": (
         "{old} is now known as {name}.",
         re.compile(rf"(?P<old>[^\s<>*]+) is now known as {_NAME}\."),
     ),
-    # Several servers on a broker (chatlib.cluster): the link down, and up again.
+    # Several servers on a broker (chatlib.cluster): which one you are on, told
+    # on arrival; the link down, and up again.
+    "server": (
+        "You are on server {server} ({state}).",
+        re.compile(r"You are on server (?P<server>[0-9a-f]+) \((?P<state>.*)\)\."),
+    ),
     "split": (
         "Lost the link to the other servers ({reason}): until it is back, only the people"
         " on this server see what you say.",
@@ -571,8 +584,18 @@ NOTICES = {
 
 
 def format_notice(event: str, **fields: object) -> str:
-    """Return the notice text for *event* (a key of :data:`NOTICES`)."""
-    return NOTICES[event][0].format(**fields)
+    """Return the notice text for *event* (a key of :data:`NOTICES`); missing fields are empty."""
+    return NOTICES[event][0].format_map(collections.defaultdict(str, fields))
+
+
+def split_member(entry: str) -> tuple[str, str | None]:
+    """Split an entry of a member list into the name and its server, if the list gives it.
+
+    ``"alice@1f0a"`` is alice on server 1f0a; a server on its own lists
+    ``"alice"``, with no server. A name never holds ``@``.
+    """
+    name, _, server = entry.partition("@")
+    return name, server or None
 
 
 def parse_notice(text: str) -> tuple[str, dict[str, str]] | None:

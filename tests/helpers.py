@@ -17,7 +17,7 @@ from types import ModuleType
 
 from chatlib.chat import Chat, Connection, Limits, State
 from chatlib.history import HistoryStore
-from chatlib.protocol import parse_notice, parse_server_line
+from chatlib.protocol import parse_notice, parse_server_line, split_member
 
 #: The repository: the folder that holds chatlib/, tests/ and tools/.
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,11 @@ def wait_until(predicate: Callable[[], object], timeout: float = TIMEOUT, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+def _names(listed: str) -> list[str]:
+    """Return the names in a member list, without the servers a cluster gives (alice@1f0a)."""
+    return [split_member(entry)[0] for entry in listed.split(", ")] if listed else []
 
 
 def forbidden_in(text: str) -> list[str]:
@@ -208,7 +213,7 @@ class LineClient:
         members = parse_notice(parse_server_line(self.read_line()).text)
         assert members is not None and members[0] == "entered"
         assert members[1]["room"] == "#lobby"
-        assert self.name in members[1]["names"].split(", ")
+        assert self.name in _names(members[1]["names"])
         return self.name
 
     def who(self) -> list[str]:
@@ -216,7 +221,7 @@ class LineClient:
         self.say("/who")
         line = self.read_until(lambda got: got.startswith("*** Online ("))[-1]
         _, fields = parse_notice(parse_server_line(line).text)
-        names = fields["names"].split(", ") if fields["names"] else []
+        names = _names(fields["names"])
         assert int(fields["count"]) == len(names)
         return names
 

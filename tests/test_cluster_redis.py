@@ -190,7 +190,7 @@ def test_servers_of_every_engine_make_one_chat(cluster, connect):
     # The other servers learn of it as the broker carries bob's move: a round trip later.
     wait_until(lambda: "#maths (1)" in rooms(alice), what="alice's server to see #maths")
     alice.say("/join #maths")
-    bob.expect("*** alice joined.")
+    bob.expect_notice("joined", name="alice")
     alice.say("hello, maths")
     bob.expect("<alice> hello, maths")
     alice.expect("<alice> hello, maths")  # back from the broker, as for everyone

@@ -27,6 +27,7 @@ from chatlib.protocol import (
     parse_server_line,
     room_problem,
     sanitize,
+    split_member,
 )
 from tests.helpers import FORBIDDEN, forbidden_in
 
@@ -401,7 +402,12 @@ def test_parse_server_line(line, parsed):
             {"name": "guest1"},
             "Welcome to chatlib, guest1! Choose a name with /nick NAME; /help lists the commands.",
         ),
-        ("joined", {"name": "alice"}, "alice joined."),
+        ("joined", {"name": "alice", "server": None}, "alice joined."),
+        (
+            "joined",
+            {"name": "alice", "where": " on server 1f0a", "server": "1f0a"},
+            "alice joined on server 1f0a.",
+        ),
         ("left", {"name": "alice", "reason": ""}, "alice left."),
         (
             "left",
@@ -417,7 +423,11 @@ def test_notices_round_trip(event, fields, text):
     assert format_notice(event, **fields) == text
     parsed_event, parsed = parse_notice(text)
     assert parsed_event == event
-    wanted = {key: str(value) for key, value in fields.items() if key != "reason"}
+    wanted = {
+        key: value if value is None else str(value)
+        for key, value in fields.items()
+        if key not in ("reason", "where")  # told in words, not read back
+    }
     assert parsed == wanted
 
 
@@ -486,13 +496,14 @@ def test_every_notice_is_covered():
         *("welcome", "members", "joined", "left", "renamed"),
         *("quiet", "announcing"),
         *("entered", "rooms", "history", "history-end"),
-        *("split", "linked", "lost-messages", "collision"),
+        *("server", "split", "linked", "lost-messages", "collision"),
     }
 
 
 @pytest.mark.parametrize(
     ("event", "fields"),
     [
+        ("server", {"server": "1f0a", "state": "linked with 2 other servers"}),
         ("split", {"reason": "Connection refused"}),
         ("linked", {}),
         ("lost-messages", {"count": "3"}),
@@ -511,7 +522,8 @@ def test_other_notices_are_not_recognised():
 @settings(deadline=None)  # a shared machine may pause any example
 @given(st.text(min_size=1, max_size=MAX_NAME_LENGTH).filter(lambda n: name_problem(n) is None))
 def test_any_good_name_round_trips_through_notices_and_lines(name):
-    assert parse_notice(format_notice("joined", name=name)) == ("joined", {"name": name})
+    joined = ("joined", {"name": name, "server": None})
+    assert parse_notice(format_notice("joined", name=name)) == joined
     assert parse_server_line(f"<{name}> hi") == ServerLine("message", "hi", name)
     assert parse_server_line(f"* {name} hi") == ServerLine("action", "hi", name)
 
@@ -644,3 +656,15 @@ def test_no_accepted_name_holds_a_space_symbol_or_punctuation_but_the_separators
             category = unicodedata.category(char)
             assert char in "-_." or category[0] in "LMN", f"{char!r} ({category}) in {name!r}"
             assert category not in ("Cf", "Zs", "So"), name
+
+
+@pytest.mark.parametrize(
+    ("entry", "split"),
+    [
+        ("alice", ("alice", None)),
+        ("alice@1f0a", ("alice", "1f0a")),
+        ("a.b-c@00ff", ("a.b-c", "00ff")),
+    ],
+)
+def test_a_member_list_entry_gives_the_name_and_its_server(entry, split):
+    assert split_member(entry) == split

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from chatlib.chat import Chat, Connection, Limits
 from chatlib.cluster import HEARTBEAT, SERVER_LOST_AFTER, Cluster
-from chatlib.protocol import format_notice, name_key
+from chatlib.protocol import CLIENT_MAX_LINE, format_notice, name_key
 from tests.helpers import ChatDriver, decode_line
 
 #: The servers' ids, in the order they sort: on a name claimed on two servers at once, the
@@ -37,6 +37,7 @@ class Outbox:
         self.messages: list[bytes] = []
 
     def publish(self, messages: list[bytes]) -> None:
+        """Keep *messages* until the test delivers them."""
         self.messages.extend(messages)
 
     def events(self) -> list[dict]:
@@ -55,6 +56,7 @@ class Server:
 
     @property
     def origin(self) -> str:
+        """This server's id, as its events carry it."""
         return self.cluster.origin
 
     def collect(self) -> None:
@@ -70,9 +72,9 @@ class Server:
 class Net:
     """Servers linked through one broker, played by the test, and a clock the test moves."""
 
-    def __init__(self, servers: int = 2, **limits: object) -> None:
+    def __init__(self, servers: int = 2) -> None:
         self.now = 0.0
-        self.servers = [Server(origin, Limits(rate=0, **limits)) for origin in ORIGINS[:servers]]
+        self.servers = [Server(origin, Limits(rate=0)) for origin in ORIGINS[:servers]]
         #: Every event the broker delivered, decoded, in the broker's order.
         self.delivered: list[dict] = []
         self._home: dict[Connection, Server] = {}
@@ -123,6 +125,7 @@ class Net:
         return self.take(conn)
 
     def clear(self) -> None:
+        """Forget what every client was sent so far."""
         for conn in self._home:
             self.take(conn)
 
@@ -158,14 +161,17 @@ class Net:
             server.collect()
 
     def lose_link(self, server: Server) -> None:
+        """Tell *server* its link to the broker failed."""
         server.chat.broker_lost("connection refused", self.now)
         server.collect()
 
     def link_again(self, server: Server) -> None:
+        """Tell *server* its link to the broker is up (again)."""
         server.chat.broker_connected(self.now)
         server.collect()
 
     def shut_down(self, server: Server) -> None:
+        """Stop *server* as its engine would: everyone is told goodbye."""
         server.chat.shut_down(self.now)
         server.collect()
 
@@ -178,6 +184,7 @@ def said(net: Net) -> list[str]:
 
 
 def welcome(name: str) -> str:
+    """Return the line a client called *name* is greeted with."""
     return "*** " + format_notice("welcome", name=name)
 
 
@@ -282,7 +289,7 @@ def test_a_private_message_reaches_a_user_on_another_server():
     assert net.take(alice) == net.take(bob) == []
 
 
-def test_a_private_message_to_nobody_is_refused_on_every_server():
+def test_a_private_message_to_a_name_nobody_has_on_any_server_is_refused():
     net = Net()
     a, b = net.servers
     alice = net.join(a, "alice")
@@ -347,6 +354,25 @@ def test_one_name_given_on_two_servers_at_once_ends_with_one_holder(first):
     assert net.ask(on_b, "/who") == ["*** Online (2): guest2-bbbb, sam"]
 
 
+@settings(max_examples=60, deadline=None)
+@given(claimants=st.sets(st.integers(0, 2), min_size=2), data=st.data())
+def test_however_the_broker_orders_claims_to_one_name_one_server_keeps_it(claimants, data):
+    net = Net(servers=3)
+    clients = [net.connect(server) for server in net.servers]
+    net.deliver_all()
+    for index in sorted(claimants):
+        net.say(clients[index], "/nick sam")
+    net.deliver_all(pick=lambda pending: data.draw(st.sampled_from(pending)))
+    # The claimant on the server whose id sorts first keeps it; every server agrees on all names.
+    assert [conn.name == "sam" for conn in clients] == [i == min(claimants) for i in range(3)]
+    everyone = sorted(conn.name for conn in clients)
+    for server in net.servers:
+        elsewhere = [
+            name for peer in server.cluster.peers.values() for name, _ in peer.members.values()
+        ]
+        assert sorted(server.chat.members + elsewhere) == everyone
+
+
 # --- Lost events and lost servers --------------------------------------------------------------
 
 
@@ -371,12 +397,8 @@ def test_a_gap_in_another_servers_numbering_is_counted_told_and_repaired():
 
     already = len(net.delivered)
     net.deliver_all()
-    answers = [
-        (e["origin"], e["kind"], e["reply"])
-        for e in net.delivered[already:]
-        if e["origin"] == b.origin
-    ]
-    assert answers == [(b.origin, "roster", False)]
+    answers = [(e["kind"], e["reply"]) for e in net.delivered[already:] if e["origin"] == b.origin]
+    assert answers == [("roster", False)]  # B says again who is on it
     assert net.take(alice) == net.take(carol) == []
     assert a.cluster.lost == 1
 
@@ -433,7 +455,7 @@ def test_a_quiet_server_says_it_is_alive_on_its_tick():
     alice = net.join(a, "alice")
     net.now += HEARTBEAT / 2
     net.tick(a)
-    assert a.outbox.messages == []  # it published a heartbeat ago at most
+    assert a.outbox.messages == []  # it published less than a heartbeat ago
 
     net.now += HEARTBEAT / 2
     net.tick(a)
@@ -516,10 +538,24 @@ def test_a_name_taken_during_a_split_is_settled_when_the_link_is_back():
     assert b.cluster.holder(name_key("carol")) == (a.origin, "carol")
 
 
+def test_who_left_during_a_split_is_gone_from_the_others_once_the_link_is_back():
+    net = Net()
+    a, b = net.servers
+    net.join(a, "alice")
+    bob, carol = net.join(a, "bob"), net.join(b, "carol")
+    net.lose_link(a)
+    net.say(bob, "/quit")  # B is not told: A's link is down
+    assert net.ask(carol, "/who") == ["*** Online (3): carol, alice, bob"]
+    net.link_again(a)
+    net.deliver_all()
+    assert net.ask(carol, "/who") == ["*** Online (2): carol, alice"]
+
+
 # --- Whatever the broker carries ---------------------------------------------------------------
 
 
 def _event(**fields: object) -> bytes:
+    """Return an event from a server nobody has heard of, with *fields*."""
     return json.dumps({"origin": "evil0000", "seq": 1, **fields}).encode()
 
 
@@ -617,6 +653,17 @@ def test_names_that_break_the_rules_are_never_listed():
     assert net.ask(alice, "/rooms") == ["*** Rooms (1): #lobby (2)"]
 
 
+def test_a_line_from_the_broker_is_never_longer_than_a_client_accepts():
+    # The chat keeps every line it sends within CLIENT_MAX_LINE; one from the broker too.
+    net = Net()
+    a, _ = net.servers
+    alice = net.join(a, "alice")
+    text = "x" * (2 * CLIENT_MAX_LINE)
+    net.inject(a, _event(kind="line", room="#lobby", text=text, history=True, skip=None))
+    net.inject(a, _event(kind="private", to="alice", text=text, seq=2))
+    assert [len(line.encode()) <= CLIENT_MAX_LINE for line in net.take(alice)] == [True, True]
+
+
 # --- History --------------------------------------------------------------------------------------
 
 
@@ -637,6 +684,22 @@ def test_every_server_keeps_a_rooms_history_in_the_brokers_order():
         "*** Recent messages in #lobby (3):",
         *kept,
         "*** End of recent messages in #lobby.",
+    ]
+
+
+def test_joining_a_room_made_on_another_server_replays_its_history():
+    net = Net()
+    a, b = net.servers
+    alice, carol = net.join(a, "alice"), net.join(b, "carol")
+    net.say(carol, "/join #art", "art is long")
+    net.deliver_all()
+    net.clear()
+    net.say(alice, "/join #art")
+    assert net.take(alice) == [
+        "*** You are in #art (2 here): alice, carol",
+        "*** Recent messages in #art (1):",
+        "<carol> art is long",
+        "*** End of recent messages in #art.",
     ]
 
 
@@ -688,8 +751,15 @@ def test_without_a_cluster_nothing_of_the_cluster_shows():
     driver = ChatDriver(rate=0)
     first, second = driver.connect(), driver.connect()
     assert driver.chat.cluster is None
-    assert (first.name, second.name) == ("guest1", "guest2")
-    driver.take_all()
+    assert driver.take(first) == [
+        welcome("guest1"),
+        "*** You are in #lobby (1 here): guest1",
+        "*** guest2 joined.",
+    ]
+    assert driver.take(second) == [
+        welcome("guest2"),
+        "*** You are in #lobby (2 here): guest1, guest2",
+    ]
     driver.say(first, "hello")  # delivered at once: there is no broker to go round
     assert driver.take_all() == {first: ["<guest1> hello"], second: ["<guest1> hello"]}
     driver.say(first, "/who", "/rooms")

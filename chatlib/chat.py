@@ -1074,8 +1074,9 @@ class Chat:
 
     def _server_notice(self) -> str:
         cluster = self.cluster
+        others = len(cluster.peers)
         state = (
-            f"linked with {len(cluster.peers)} other servers"
+            f"linked with {others} other server{'s' if others != 1 else ''}"
             if cluster.linked
             else "not linked to the other servers right now"
         )
@@ -1099,11 +1100,12 @@ class Chat:
         return [[conn.name, conn.room.name] for conn in self._members.values()]
 
     def _on_line(self, origin: str, event: dict) -> None:
-        key, text = event["room"], sanitize(event["text"])  # anyone may publish
+        key, text = event["room"], self._from_elsewhere(event["text"])
         if (room := self._rooms.get(key)) is not None:
             skip = event["skip"] if origin == self.cluster.origin else None
             self._queue([m for m in room.members if m.serial != skip], encode_line(text))
-        if event["history"]:
+        # A room that emptied while the line was on its way has no history left to keep it in.
+        if event["history"] and (room is not None or key in self.cluster.room_sizes):
             hid = history_id(event.get("hid", ""))
             if hid is None or hid > self._history_ids.get(key, (0, 0)):
                 self._keep(key, text)
@@ -1122,7 +1124,18 @@ class Chat:
 
     def _on_private(self, origin: str, event: dict) -> None:
         if (target := self._members.get(event["to"])) is not None:
-            self._send(target, sanitize(event["text"]))
+            self._send(target, self._from_elsewhere(event["text"]))
+
+    def _from_elsewhere(self, text: str) -> str:
+        """Return a line another server sent, made safe: anyone may publish on the broker.
+
+        Its controls are made inert, and it is cut to what clients accept:
+        another server may allow longer lines than this one.
+        """
+        text = sanitize(text)
+        if len(text.encode()) > CLIENT_MAX_LINE:
+            text = text.encode()[: CLIENT_MAX_LINE - 3].decode(errors="ignore") + "…"
+        return text
 
     def _on_member(self, origin: str, event: dict) -> None:
         name, room = normalize_name(event["name"]), normalize_name(event["room_name"])

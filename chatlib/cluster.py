@@ -27,6 +27,7 @@ it has already.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +61,7 @@ SERVER_LOST_AFTER = 10.0
 TAG_LENGTH = 4
 
 _OPTIONAL_INT = (int, type(None))
+_ORIGIN = re.compile(rf"[0-9a-f]{{{TAG_LENGTH},32}}")
 
 #: Each kind of event, and its fields with their types. ``name`` and ``old``
 #: are users' names, ``room`` a room's key (``name_key``) and ``room_name``
@@ -126,14 +128,19 @@ def decode_event(data: bytes) -> dict[str, Any] | None:
     """
     try:
         event = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
-    if not isinstance(event, dict):
+    if (
+        not isinstance(event, dict)
+        or not isinstance(event.get("kind"), str)
+        or not isinstance(event.get("origin"), str)
+        # Users see a server's tag: an id is hex, as Cluster's users make it.
+        or _ORIGIN.fullmatch(event["origin"]) is None
+    ):
         return None
-    fields = EVENTS.get(event.get("kind"))
+    fields = EVENTS.get(event["kind"])
     if (
         fields is None
-        or not isinstance(event.get("origin"), str)
         or type(event.get("seq")) is not int
         or not all(isinstance(event.get(name), kind) for name, kind in fields.items())
         or not isinstance(event.get("hid", ""), str)

@@ -35,10 +35,16 @@ class Outbox:
     def __init__(self) -> None:
         #: Published and not yet delivered by the test, oldest first.
         self.messages: list[bytes] = []
+        #: The rooms whose history the server had the broker drop, in order.
+        self.forgotten: list[str] = []
 
-    def publish(self, messages: list[bytes]) -> None:
-        """Keep *messages* until the test delivers them."""
-        self.messages.extend(messages)
+    def publish(self, messages: list[tuple[str | None, bytes | None]]) -> None:
+        """Keep the events in *messages* until the test delivers them."""
+        for room, event in messages:
+            if event is None:
+                self.forgotten.append(room)
+            else:
+                self.messages.append(event)
 
     def events(self) -> list[dict]:
         """Return the pending messages, decoded."""
@@ -79,7 +85,7 @@ class Net:
         self.delivered: list[dict] = []
         self._home: dict[Connection, Server] = {}
         for server in self.servers:
-            server.chat.broker_connected(self.now)
+            server.chat.broker_connected({}, self.now)
             server.collect()
         self.deliver_all()
 
@@ -167,7 +173,7 @@ class Net:
 
     def link_again(self, server: Server) -> None:
         """Tell *server* its link to the broker is up (again)."""
-        server.chat.broker_connected(self.now)
+        server.chat.broker_connected({}, self.now)
         server.collect()
 
     def shut_down(self, server: Server) -> None:
@@ -240,18 +246,21 @@ def test_a_newcomer_is_not_told_of_its_own_arrival_on_any_server():
     net.deliver_all()
     assert net.take(newcomer) == [
         welcome("guest2-aaaa"),
-        "*** You are in #lobby (3 here): alice, guest2-aaaa, carol",
+        "*** You are in #lobby (3 here): alice@aaaa, guest2-aaaa@aaaa, carol@bbbb",
+        "*** You are on server aaaa (linked with 1 other server).",
     ]
-    assert net.take(alice) == net.take(carol) == ["*** guest2-aaaa joined."]
+    assert net.take(alice) == net.take(carol) == ["*** guest2-aaaa joined on server aaaa."]
 
     other = net.connect(b)
     net.deliver_all()
     assert net.take(other) == [
         welcome("guest2-bbbb"),
-        "*** You are in #lobby (4 here): carol, guest2-bbbb, alice, guest2-aaaa",
+        "*** You are in #lobby (4 here): "
+        + "carol@bbbb, guest2-bbbb@bbbb, alice@aaaa, guest2-aaaa@aaaa",
+        "*** You are on server bbbb (linked with 1 other server).",
     ]
     for conn in (alice, carol, newcomer):
-        assert net.take(conn) == ["*** guest2-bbbb joined."]
+        assert net.take(conn) == ["*** guest2-bbbb joined on server bbbb."]
 
 
 # --- Commands that see every server ------------------------------------------------------------
@@ -265,9 +274,9 @@ def test_who_and_rooms_list_every_servers_users_and_rooms():
     net.say(bob, "/join #maths")
     net.say(dave, "/join #Art")
     net.deliver_all()
-    assert net.ask(alice, "/who") == ["*** Online (2): alice, carol"]
-    assert net.ask(carol, "/who") == ["*** Online (2): carol, alice"]
-    assert net.ask(bob, "/who") == ["*** Online (1): bob"]
+    assert net.ask(alice, "/who") == ["*** Online (2): alice@aaaa, carol@bbbb"]
+    assert net.ask(carol, "/who") == ["*** Online (2): carol@bbbb, alice@aaaa"]
+    assert net.ask(bob, "/who") == ["*** Online (1): bob@aaaa"]
     assert net.ask(alice, "/rooms") == ["*** Rooms (3): #lobby (2), #maths (1), #Art (1)"]
     assert net.ask(carol, "/rooms") == ["*** Rooms (3): #lobby (2), #Art (1), #maths (1)"]
 
@@ -275,7 +284,7 @@ def test_who_and_rooms_list_every_servers_users_and_rooms():
     net.say(alice, "/join #ART")
     net.deliver_all()
     assert alice.room.name == "#Art"
-    assert net.ask(alice, "/who") == ["*** Online (2): alice, dave"]
+    assert net.ask(alice, "/who") == ["*** Online (2): alice@aaaa, dave@bbbb"]
 
 
 def test_a_private_message_reaches_a_user_on_another_server():
@@ -350,8 +359,8 @@ def test_one_name_given_on_two_servers_at_once_ends_with_one_holder(first):
     assert a.cluster.holder(name_key("guest2-bbbb")) == (b.origin, "guest2-bbbb")
     assert b.chat.members == ["guest2-bbbb"]
     assert b.cluster.holder(name_key("sam")) == (a.origin, "sam")
-    assert net.ask(on_a, "/who") == ["*** Online (2): sam, guest2-bbbb"]
-    assert net.ask(on_b, "/who") == ["*** Online (2): guest2-bbbb, sam"]
+    assert net.ask(on_a, "/who") == ["*** Online (2): sam@aaaa, guest2-bbbb@bbbb"]
+    assert net.ask(on_b, "/who") == ["*** Online (2): guest2-bbbb@bbbb, sam@aaaa"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -420,7 +429,7 @@ def test_a_server_that_shuts_down_lets_its_users_go_on_the_others():
     assert net.take(bob) == ["*** carol left (their server shut down)."]
     assert net.take(alice) == []  # no room of hers had anyone from there
     assert a.cluster.peers == {}
-    assert net.ask(bob, "/who") == ["*** Online (1): bob"]
+    assert net.ask(bob, "/who") == ["*** Online (1): bob@aaaa"]
     assert net.ask(alice, "/rooms") == ["*** Rooms (2): #lobby (1), #maths (1)"]
 
 
@@ -445,7 +454,7 @@ def test_a_server_silent_too_long_is_forgotten_and_one_heard_from_is_kept():
     assert list(c.cluster.peers) == [a.origin]
     gone = "*** carol left (their server stopped answering)."
     assert net.take(alice) == net.take(erin) == [gone]
-    assert net.ask(alice, "/who") == ["*** Online (2): alice, erin"]
+    assert net.ask(alice, "/who") == ["*** Online (2): alice@aaaa, erin@cccc"]
     assert net.take(carol) == []
 
 
@@ -482,7 +491,7 @@ def test_when_the_link_falls_the_server_serves_its_own_clients_alone():
     assert net.take(alice) == net.take(bob) == ["<alice> one", SPLIT]
     assert net.take(carol) == []
     assert a.cluster.peers == {}
-    assert net.ask(bob, "/who") == ["*** Online (2): alice, bob"]
+    assert net.ask(bob, "/who") == ["*** Online (2): alice@aaaa, bob@aaaa"]
 
     net.say(bob, "two")
     assert net.take(alice) == net.take(bob) == ["<bob> two"]
@@ -515,7 +524,7 @@ def test_when_the_link_is_back_users_are_told_and_the_servers_learn_each_other_a
     net.deliver_all()  # "one" comes back after all: A delivered it already
     assert net.take(alice) == net.take(bob) == []
     assert list(a.cluster.peers) == [b.origin]
-    assert net.ask(alice, "/who") == ["*** Online (3): alice, bob, carol"]
+    assert net.ask(alice, "/who") == ["*** Online (3): alice@aaaa, bob@aaaa, carol@bbbb"]
     net.say(carol, "welcome back")
     net.deliver_all()
     assert net.take(alice) == net.take(bob) == ["<carol> welcome back"]
@@ -545,10 +554,10 @@ def test_who_left_during_a_split_is_gone_from_the_others_once_the_link_is_back()
     bob, carol = net.join(a, "bob"), net.join(b, "carol")
     net.lose_link(a)
     net.say(bob, "/quit")  # B is not told: A's link is down
-    assert net.ask(carol, "/who") == ["*** Online (3): carol, alice, bob"]
+    assert net.ask(carol, "/who") == ["*** Online (3): carol@bbbb, alice@aaaa, bob@aaaa"]
     net.link_again(a)
     net.deliver_all()
-    assert net.ask(carol, "/who") == ["*** Online (2): carol, alice"]
+    assert net.ask(carol, "/who") == ["*** Online (2): carol@bbbb, alice@aaaa"]
 
 
 # --- Whatever the broker carries ---------------------------------------------------------------
@@ -556,7 +565,7 @@ def test_who_left_during_a_split_is_gone_from_the_others_once_the_link_is_back()
 
 def _event(**fields: object) -> bytes:
     """Return an event from a server nobody has heard of, with *fields*."""
-    return json.dumps({"origin": "evil0000", "seq": 1, **fields}).encode()
+    return json.dumps({"origin": "eeee0000", "seq": 1, **fields}).encode()
 
 
 #: Messages no server sent, or sent broken: each must be dropped, or used only as far as it is
@@ -571,11 +580,16 @@ HOSTILE = {
     "seq a boolean": _event(kind="alive", seq=True),
     "seq a float": _event(kind="alive", seq=1.0),
     "origin a number": _event(kind="alive", origin=7),
+    "origin with escapes": _event(kind="member", origin="\x1b[31mbad", name="x", room_name="#a"),
+    "origin too short for a tag": _event(kind="member", origin="ee", name="x", room_name="#a"),
+    "hid not a string": _event(
+        kind="line", room="#lobby", text="x", history=True, skip=None, hid=7
+    ),
     "unknown kind": _event(kind="shout"),
     "kind a list": _event(kind=["line"]),
     "kind an object": _event(kind={"line": 1}),
     "nested too deep": b"[" * 100_000,
-    "a huge number": b'{"origin": "evil0000", "seq": 1' + b"0" * 5000 + b', "kind": "alive"}',
+    "a huge number": b'{"origin": "eeee0000", "seq": 1' + b"0" * 5000 + b', "kind": "alive"}',
     "line with wrong types": _event(kind="line", room=1, text=["x"], history="yes", skip="no"),
     "line with escapes": _event(
         kind="line",
@@ -649,7 +663,7 @@ def test_names_that_break_the_rules_are_never_listed():
         ["eve", "no-hash"],
     ]
     net.inject(a, _event(kind="roster", members=members, reply=False))
-    assert net.ask(alice, "/who") == ["*** Online (2): alice, mallory"]
+    assert net.ask(alice, "/who") == ["*** Online (2): alice@aaaa, mallory@eeee"]
     assert net.ask(alice, "/rooms") == ["*** Rooms (1): #lobby (2)"]
 
 
@@ -684,6 +698,7 @@ def test_every_server_keeps_a_rooms_history_in_the_brokers_order():
         "*** Recent messages in #lobby (3):",
         *kept,
         "*** End of recent messages in #lobby.",
+        "*** You are on server aaaa (linked with 1 other server).",
     ]
 
 
@@ -696,7 +711,7 @@ def test_joining_a_room_made_on_another_server_replays_its_history():
     net.clear()
     net.say(alice, "/join #art")
     assert net.take(alice) == [
-        "*** You are in #art (2 here): alice, carol",
+        "*** You are in #art (2 here): alice@aaaa, carol@bbbb",
         "*** Recent messages in #art (1):",
         "<carol> art is long",
         "*** End of recent messages in #art.",
@@ -779,7 +794,7 @@ def test_until_its_link_first_comes_up_a_server_serves_alone_and_then_says_nothi
     assert outbox.messages == []
     server.inbox[conn].clear()
 
-    server.chat.broker_connected(1.0)
+    server.chat.broker_connected({}, 1.0)
     server.collect()
     assert server.inbox[conn] == []  # no "linked" notice for a first link
     [roster] = outbox.events()
@@ -788,3 +803,27 @@ def test_until_its_link_first_comes_up_a_server_serves_alone_and_then_says_nothi
         [["guest1-aaaa", "#lobby"]],
         True,
     )
+
+
+def test_history_loaded_from_the_broker_replaces_the_stores_and_is_not_kept_twice():
+    net = Net()
+    a, _ = net.servers
+    alice = net.join(a, "alice")
+    older = json.dumps(
+        {"origin": "dddd0004", "seq": 1, "kind": "line", "room": "#lobby", "text": "<dan> old"}
+        | {"history": True, "skip": None}
+    ).encode()
+    newer = older.replace(b"old", b"newer").replace(b'"seq": 1', b'"seq": 2')
+    # The link read the stream once subscribed; the newer line also came on the channel.
+    a.chat.broker_connected({"#lobby": [("100-0", older), ("100-1", newer)]}, net.now)
+    a.collect()
+    assert a.chat.store.recent("#lobby", 10) == ["<dan> old", "<dan> newer"]
+    echo = json.loads(newer) | {"hid": "100-1", "origin": "dddd0004"}
+    a.chat.receive_broker_message(json.dumps(echo).encode(), net.now)
+    a.collect()
+    assert net.take(alice)[-1] == "<dan> newer"  # delivered: it is live
+    assert a.chat.store.recent("#lobby", 10) == ["<dan> old", "<dan> newer"]  # kept once
+    later = echo | {"seq": 3, "hid": "100-2", "text": "<dan> later"}
+    a.chat.receive_broker_message(json.dumps(later).encode(), net.now)
+    a.collect()
+    assert a.chat.store.recent("#lobby", 10) == ["<dan> old", "<dan> newer", "<dan> later"]

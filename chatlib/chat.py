@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from chatlib.cluster import Cluster, Peer, decode_event, history_id
+from chatlib.cluster import TAG_LENGTH, Cluster, Peer, decode_event, history_id
 from chatlib.history import HISTORY_KEPT, HISTORY_SHOWN, HistoryStore, MemoryHistory
 from chatlib.protocol import (
     CLIENT_MAX_LINE,
@@ -1154,14 +1154,34 @@ class Chat:
 
     def _on_roster(self, origin: str, event: dict) -> None:
         peer = self.cluster.peers[origin]
+        before = dict(peer.members)
         left = [self.cluster.drop_member(origin, key) for key in list(peer.members)]
         for entry in event["members"]:
             if isinstance(entry, list) and len(entry) == 2 and all(map(_is_str, entry)):
                 self._on_member(origin, {"name": entry[0], "room_name": entry[1]})
         for room in left:
             self._forget_if_empty(room)
+        # Who came and went while we could not hear (a split, a server back
+        # from a pause) is told here, as an IRC network tells a netjoin.
+        after = peer.members
+        for key, (name, room_name) in after.items():
+            if before.get(key) != (name, room_name):
+                self._announce_here("joined", name, room_name, f" on server {origin[:TAG_LENGTH]}")
+        for key, (name, room_name) in before.items():
+            if after.get(key, (None, None))[1] != room_name:
+                self._announce_here("left", name, room_name)
         if event["reply"]:
             self._publish("roster", members=self._roster(), reply=False)
+
+    def _announce_here(self, event: str, name: str, room_name: str, where: str = "") -> None:
+        """Tell this server's members of a room that someone elsewhere joined or left it.
+
+        *where* is the newcomer's server, or why they left.
+        """
+        room = self._rooms.get(name_key(room_name))
+        if room is not None and room.announcing:
+            notice = format_notice(event, name=name, reason=where, where=where)
+            self._broadcast_here(room, "*** " + notice)
 
     def _on_alive(self, origin: str, event: dict) -> None:
         pass  # being heard from was the point
@@ -1173,10 +1193,7 @@ class Chat:
         """Let a server's members go, as it shut down or went silent; tell their rooms here."""
         peer = self.cluster.drop_peer(origin)
         for name, room_name in peer.members.values():
-            room = self._rooms.get(name_key(room_name))
-            if room is not None and room.announcing:
-                notice = format_notice("left", name=name, reason=reason)
-                self._broadcast_here(room, "*** " + notice)
+            self._announce_here("left", name, room_name, reason)
             # Nobody else will ever leave it: drop the broker's copy too.
             self._forget_if_empty(name_key(room_name), here=True)
 

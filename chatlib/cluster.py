@@ -190,6 +190,7 @@ class Cluster:
         # its own clients would miss if the link fell now.
         self._in_flight: dict[int, tuple[str, dict[str, Any]]] = {}
         self._published_at = float("-inf")
+        self._ticked_at: float | None = None
 
     def publish(self, kind: str, now: float, keep_in: str | None = None, **fields: Any) -> None:
         """Queue an event of *kind* for every server; it leaves at :meth:`flush`.
@@ -237,7 +238,19 @@ class Cluster:
         self.room_names.clear()
 
     def silent_peers(self, now: float) -> list[str]:
-        """Return the origins of the servers not heard from for :data:`SERVER_LOST_AFTER`."""
+        """Return the origins of the servers not heard from for :data:`SERVER_LOST_AFTER`.
+
+        Call it on every tick. A tick long after the last one means that
+        this server stood still (paused, or starved of CPU): the others'
+        words wait unread, so they get a fresh :data:`SERVER_LOST_AFTER`
+        rather than being given up on for this server's silence.
+        """
+        stalled = self._ticked_at is not None and now - self._ticked_at > 3 * HEARTBEAT
+        self._ticked_at = now
+        if stalled:
+            for peer in self.peers.values():
+                peer.heard_at = max(peer.heard_at, now)
+            return []
         return [
             origin for origin, peer in self.peers.items() if now - peer.heard_at > SERVER_LOST_AFTER
         ]

@@ -51,6 +51,7 @@ from chatlib.protocol import (
     ServerLine,
     parse_notice,
     parse_server_line,
+    split_member,
 )
 
 __all__ = ["HISTORY", "LINE_CLASSES", "PART_CLASSES", "ChatPanel", "Received"]
@@ -127,6 +128,7 @@ _STYLE = """<style>
 .chat-panel .chat-members-title { font-weight: bold; }
 .chat-panel .chat-member.chat-own { background: none; font-weight: bold; }
 .chat-panel .chat-members-more { color: var(--jp-ui-font-color3, #999); font-style: italic; }
+.chat-panel .chat-member-server { color: var(--jp-ui-font-color3, #999); font-size: 85%; }
 .chat-panel .chat-status-on { color: var(--jp-success-color1, #2e7d32); }
 .chat-panel .chat-status-off { color: var(--jp-error-color1, #c62828); }
 </style>"""
@@ -208,8 +210,13 @@ class ChatPanel:
 
     The same things work from code: :meth:`send`, :meth:`join`,
     :attr:`messages`, :meth:`wait_for`, :attr:`room`, :attr:`members`,
-    :attr:`member_count`, :attr:`name`, :attr:`connected`, :meth:`close` and
+    :attr:`member_count`, :attr:`member_servers`, :attr:`server`,
+    :attr:`linked`, :attr:`name`, :attr:`connected`, :meth:`close` and
     :meth:`reconnect`.
+
+    On a server that is one of several on a broker (``--broker``), the
+    member list shows each member's server, and the status line the
+    panel's own server and whether it is linked to the others.
 
     *name* is the name to ask for; the server may refuse it (taken, or not a
     valid name), and then :attr:`name` is the guest name it gave. A panel
@@ -248,6 +255,11 @@ class ChatPanel:
         # the server cuts its list short to keep the line within what
         # clients accept ("Online (5000): a, b (and 4998 more)").
         self._unlisted = 0
+        # With several servers: each member's server, this panel's server, and
+        # whether it is linked to the others (None on a server on its own).
+        self._servers: dict[str, str] = {}
+        self._server: str | None = None
+        self._linked: bool | None = None
         self._messages: deque[Received] = deque(maxlen=history)
         self._log_lines: deque[str] = deque(maxlen=history)
         # Set while the panel empties one of its text boxes (the message box
@@ -446,6 +458,22 @@ class ChatPanel:
             return len(self._members) + self._unlisted
 
     @property
+    def member_servers(self) -> dict[str, str]:
+        """The server each member is on, as the server's lists say; empty on a server on its own."""
+        with self._lock:
+            return dict(self._servers)
+
+    @property
+    def server(self) -> str | None:
+        """The tag of the server this panel is on, if it is one of several; else ``None``."""
+        return self._server
+
+    @property
+    def linked(self) -> bool | None:
+        """Whether the panel's server is linked to the others; ``None`` on a server on its own."""
+        return self._linked
+
+    @property
     def messages(self) -> tuple[Received, ...]:
         """The lines received (the last ``history`` of them), oldest first."""
         with self._lock:
@@ -487,6 +515,7 @@ class ChatPanel:
             self._rooms = RoomTracker()  # until the server says where we are
             self._members = []
             self._unlisted = 0
+            self._servers, self._server, self._linked = {}, None, None
             self._render_locked()
         _open_sessions.add(session)
         if self.requested_name:
@@ -551,12 +580,23 @@ class ChatPanel:
         elif event in ("members", "entered"):
             # Entering a room lists who is there, as /who does: the old
             # room's list goes.
-            self._members = fields["names"].split(", ") if fields["names"] else []
+            entries = [split_member(entry) for entry in fields["names"].split(", ")]
+            self._members = [member for member, _ in entries if member]
+            self._servers = {member: server for member, server in entries if server}
             self._unlisted = max(0, int(fields["count"]) - len(self._members))
         elif event == "joined":
             if name in self._members:
                 return True
             self._members.append(name)
+            if fields["server"]:
+                self._servers[name] = fields["server"]
+        elif event == "server":
+            self._server = fields["server"]
+            self._linked = fields["state"].startswith("linked")
+        elif event in ("split", "linked"):
+            self._linked = event == "linked"
+            # Who is here changes wholesale: ask again once it is known.
+            return event == "linked"
         elif event == "left":
             if name in self._members:
                 self._members.remove(name)
@@ -570,6 +610,8 @@ class ChatPanel:
             if fields["old"] == self._name:
                 self._name = name
                 session.name_settled = True
+            if fields["old"] in self._servers:
+                self._servers[name] = self._servers.pop(fields["old"])
             if fields["old"] in self._members:
                 self._members[self._members.index(fields["old"])] = name
             elif not self._unlisted:
@@ -580,6 +622,7 @@ class ChatPanel:
         self._rooms = RoomTracker()
         self._members = []
         self._unlisted = 0
+        self._servers, self._server, self._linked = {}, None, None
         self._add_local_locked("notice", reason)
         self._render_locked()
         self._changed.notify_all()
@@ -649,10 +692,13 @@ class ChatPanel:
         else:
             dot = '<span class="chat-status-off">○</span>'
             status = "disconnected"
+        if connected and self._server is not None:
+            link = "linked" if self._linked else "not linked: this server only"
+            status += f" · server {html.escape(self._server)}, {link}"
         self.status_view.value = f"{dot} {status}"
         members = "".join(
             f'<div class="chat-member{" chat-own" if member == self._name else ""}">'
-            f"{html.escape(member)}</div>"
+            f"{html.escape(member)}{self._server_html(member)}</div>"
             for member in self._members
         )
         if self._unlisted:
@@ -668,6 +714,12 @@ class ChatPanel:
         self.room_input.disabled = not connected
         self.join_button.disabled = not connected
         self.close_button.disabled = not connected
+
+    def _server_html(self, member: str) -> str:
+        server = self._servers.get(member)
+        if server is None:
+            return ""
+        return f' <span class="chat-member-server">@{html.escape(server)}</span>'
 
     def _on_input(self, change: dict) -> None:
         # Clearing the box after a send changes its value too; that change

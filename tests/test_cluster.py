@@ -458,6 +458,34 @@ def test_a_server_silent_too_long_is_forgotten_and_one_heard_from_is_kept():
     assert net.take(carol) == []
 
 
+def test_a_server_back_from_silence_is_learned_again_with_its_members():
+    net = Net()
+    a, b = net.servers
+    alice, carol = net.join(a, "alice"), net.join(b, "carol")
+    net.tick(a, b)
+    net.deliver_all()
+    # B pauses (SIGSTOP): it neither ticks nor reads; A, ticking on, gives up on it.
+    paused_at, kept_for_b = net.now, []
+    while net.now <= paused_at + SERVER_LOST_AFTER:
+        net.now += HEARTBEAT
+        net.tick(a)
+        kept_for_b += a.outbox.messages  # Redis holds them for B, which does not read
+        net.deliver_all(to=[a])
+    assert net.take(alice) == ["*** carol left (their server stopped answering)."]
+
+    # B resumes: it ticks, reads what waited for it, and speaks. Its word is from a
+    # server A no longer knows, so A asks who is on it.
+    net.tick(b)
+    for data in kept_for_b:
+        net.inject(b, data)
+    net.deliver_all()
+    assert net.take(alice) == ["*** carol joined on server bbbb."]
+    assert net.ask(alice, "/who") == ["*** Online (2): alice@aaaa, carol@bbbb"]
+    # B stood still, so it gave A time to be heard rather than give up on it.
+    assert net.take(carol) == []
+    assert list(b.cluster.peers) == [a.origin]
+
+
 def test_a_quiet_server_says_it_is_alive_on_its_tick():
     net = Net()
     a, _ = net.servers
@@ -522,7 +550,9 @@ def test_when_the_link_is_back_users_are_told_and_the_servers_learn_each_other_a
         True,
     )
     net.deliver_all()  # "one" comes back after all: A delivered it already
-    assert net.take(alice) == net.take(bob) == []
+    # B's roster tells A who is there again, as a netjoin; B knew A's already.
+    assert net.take(alice) == net.take(bob) == ["*** carol joined on server bbbb."]
+    assert net.take(carol) == ["<alice> one"]  # B was linked all along
     assert list(a.cluster.peers) == [b.origin]
     assert net.ask(alice, "/who") == ["*** Online (3): alice@aaaa, bob@aaaa, carol@bbbb"]
     net.say(carol, "welcome back")

@@ -404,3 +404,31 @@ def test_broker_without_redis_py_is_one_clear_error(redis_server):
     assert result.stderr.strip() == (
         "--broker needs redis-py: pip install 'chatlib[redis]'; no client was let in."
     )
+
+
+# --- The chat panel -------------------------------------------------------------------
+
+
+def test_the_panel_shows_each_members_server_and_the_link(redis_server, cluster, connect):
+    widget = pytest.importorskip("chatlib.widget")
+    first, second = cluster("threads"), cluster("selectors")
+    bob = named(connect, second, "bob")
+    panel = widget.ChatPanel(*first.address, "alice")
+    try:
+        wait_for_who(bob, {"alice", "bob"})
+        panel.send("/who")
+        here, there = first.chat.cluster.tag, second.chat.cluster.tag
+        wait_until(lambda: panel.member_servers == {"alice": here, "bob": there})
+        assert (panel.server, panel.linked) == (here, True)
+        assert f"server {here}, linked" in panel.status_view.value
+        assert f'bob <span class="chat-member-server">@{there}</span>' in panel.members_view.value
+
+        redis_server.kill()
+        wait_until(lambda: panel.linked is False, what="the panel to see the split")
+        assert "not linked: this server only" in panel.status_view.value
+        redis_server.start()
+        # Linked again, the panel asks who is here, and bob is back.
+        wait_until(lambda: panel.linked and "bob" in panel.members, what="bob back in the list")
+        assert panel.member_servers["bob"] == there
+    finally:
+        panel.close()

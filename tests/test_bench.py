@@ -7,6 +7,7 @@ that every delivery is counted, exactly.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sqlite3
@@ -37,6 +38,7 @@ from chatlib.bench import (
     run_scale,
     start_server,
 )
+from chatlib.bench import report as bench_report
 from chatlib.bench.loadgen import _Conn, _LoadGen, _Sender
 from tests.helpers import TIMEOUT
 
@@ -439,6 +441,46 @@ def test_command_line_quick_cluster_relays_every_line_to_every_client_on_every_s
     target = "cluster: every line reaches every client on every server, once, in one order"
     assert any(line.startswith(f"  PASS  {target}") for line in lines)
     assert "!!!" not in run.stdout
+
+
+def _children() -> set[int]:
+    """Return the ids of this process's live child processes (Linux)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # gone meanwhile
+            continue
+        if int(ppid) == os.getpid() and state != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+@needs_redis
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_cluster_that_never_links_is_an_error_and_leaves_no_process(monkeypatch):
+    def never_linked(group, timeout):
+        raise TimeoutError(f"{group.name}: not linked (as this test has it)")
+
+    monkeypatch.setattr(bench_report, "wait_until_linked", never_linked)
+    before = _children()
+    report = run_bench(
+        [],
+        clients=0,
+        idle_clients=0,
+        crowd=(),
+        cluster_clients=6,
+        senders=2,
+        duration=0.2,
+        warmup=0.1,
+        pin=False,
+    )
+    assert list(report.cluster) == ["asyncio", "redis"]  # the baselines still ran
+    for name in ("asyncio x2", "asyncio x3"):
+        assert "TimeoutError: " + name + ": not linked" in report.errors[f"cluster: {name}"]
+    assert _children() <= before
+    (check,) = [c for c in check_targets(report) if c.target.startswith("cluster: ")]
+    assert check.passed is False
 
 
 def test_cluster_loss_is_a_failed_target_and_a_loud_line():

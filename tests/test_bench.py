@@ -7,6 +7,7 @@ that every delivery is counted, exactly.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sqlite3
@@ -37,6 +38,8 @@ from chatlib.bench import (
     run_scale,
     start_server,
 )
+from chatlib.bench import report as bench_report
+from chatlib.bench.loadgen import _Conn, _LoadGen, _Sender
 from tests.helpers import TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,7 +211,9 @@ def test_quick_fanout_against_redis_counts_every_delivery():
 
 
 def test_quick_scale_run_times_the_stop_with_every_client_connected():
-    report = run_bench(["selectors"], clients=0, idle_clients=40, broadcasts=1, pin=False)
+    report = run_bench(
+        ["selectors"], clients=0, idle_clients=40, broadcasts=1, cluster_clients=0, pin=False
+    )
     assert not report.errors
     stop = report.scale["selectors"].stop
     assert stop is not None
@@ -308,9 +313,14 @@ def test_server_refuses_any_address_but_loopback():
         Server("elsewhere", "chat", 5050, host="10.0.0.1")
 
 
-def bench_command(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m chatlib.bench`` with *args* from the repository root, at most 60 s."""
+def bench_command(*args: str, cluster: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m chatlib.bench`` with *args* from the repository root, at most 60 s.
+
+    Unless *cluster*, the cluster scenario is skipped: only its own tests wait for it.
+    """
     command = [sys.executable, "-m", "chatlib.bench", *args]
+    if not cluster:
+        command += ["--cluster-clients", "0"]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
@@ -396,6 +406,129 @@ def test_command_line_crowd_empty_or_zero_skips_the_crowd(crowd):
     assert run.returncode == 0, run.stderr
     assert "Crowd" not in run.stdout
     assert "(scale and crowd runs skipped)" in run.stdout
+
+
+@needs_redis
+def test_command_line_quick_cluster_relays_every_line_to_every_client_on_every_server(tmp_path):
+    out = tmp_path / "bench.json"
+    run = bench_command(
+        "--quick", "--cluster-only", "--duration", "0.3", "--json", str(out), cluster=True
+    )
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    results = data["cluster"]
+    assert list(results) == ["asyncio", "redis", "asyncio x2", "asyncio x3"]
+    for name, result in results.items():
+        assert (result["clients"], result["senders"], result["mode"]) == (12, 4, "typing"), name
+        assert result["lost"] == result["duplicates"] == result["disordered"] == 0, name
+        assert result["deliveries"] == result["messages"] * 12 > 0, name
+    assert data["typing"] == {} and data["scale"] == {} and data["crowd"] == []
+    lines = run.stdout.splitlines()
+    (header,) = [i for i, line in enumerate(lines) if line.startswith("Cluster: typing, 12 ")]
+    assert lines[header + 1].split()[:3] == ["setup", "chat", "servers"]
+    assert [line.split()[:2] for line in lines[header + 2 : header + 6]] == [
+        ["asyncio", "1"],
+        ["redis", "-"],
+        ["asyncio", "x2"],
+        ["asyncio", "x3"],
+    ]
+    for name in ("asyncio x2", "asyncio x3"):
+        (hop,) = [line for line in lines if line.startswith(f"  {name}: the broker hop costs")]
+        ratio = results[name]["deliveries_per_s"] / results["asyncio"]["deliveries_per_s"]
+        assert f"{ratio:.2f}x one asyncio server's deliveries/s" in hop
+        assert any(f"{name}: every server listed every other's users" in n for n in data["notes"])
+    assert "a cluster cannot be faster than one server" in run.stdout
+    target = "cluster: every line reaches every client on every server, once, in one order"
+    assert any(line.startswith(f"  PASS  {target}") for line in lines)
+    assert "!!!" not in run.stdout
+
+
+def _children() -> set[int]:
+    """Return the ids of this process's live child processes (Linux)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # gone meanwhile
+            continue
+        if int(ppid) == os.getpid() and state != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+@needs_redis
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_cluster_that_never_links_is_an_error_and_leaves_no_process(monkeypatch):
+    def never_linked(group, timeout):
+        raise TimeoutError(f"{group.name}: not linked (as this test has it)")
+
+    monkeypatch.setattr(bench_report, "wait_until_linked", never_linked)
+    before = _children()
+    report = run_bench(
+        [],
+        clients=0,
+        idle_clients=0,
+        crowd=(),
+        cluster_clients=6,
+        senders=2,
+        duration=0.2,
+        warmup=0.1,
+        pin=False,
+    )
+    assert list(report.cluster) == ["asyncio", "redis"]  # the baselines still ran
+    for name in ("asyncio x2", "asyncio x3"):
+        assert "TimeoutError: " + name + ": not linked" in report.errors[f"cluster: {name}"]
+    assert _children() <= before
+    (check,) = [c for c in check_targets(report) if c.target.startswith("cluster: ")]
+    assert check.passed is False
+
+
+def test_cluster_loss_is_a_failed_target_and_a_loud_line():
+    report = _report(asyncio=1000.0)
+    report.settings.update(cluster_clients=100, cluster_engine="asyncio")
+    report.cluster = {
+        "asyncio": _fanout("asyncio", 1000.0),
+        "asyncio x2": _fanout("asyncio x2", 400.0),
+    }
+    report.cluster["asyncio x2"].lost = 3
+    report.cluster["asyncio x2"].duplicates = 0
+    report.cluster["asyncio x2"].disordered = 1
+    checks = {c.target: c for c in check_targets(report)}
+    check = checks["cluster: every line reaches every client on every server, once, in one order"]
+    assert check.passed is False
+    assert check.detail == "asyncio x2: 3 lost, 0 twice, 1 out of order"
+    text = format_report(report)
+    assert "!!! asyncio x2: 3 LOST deliveries" in text
+    assert "asyncio x2: the broker hop costs 2.5x: 0.40x one asyncio server's" in text
+
+
+def test_exact_count_finds_a_lost_line_a_copy_twice_and_another_order():
+    gen = _LoadGen(Server("fake", "chat", 1), None, exact=True)
+    for sid in (0, 1):
+        sender = _Sender(sid, socket.socket(), lambda text: text)
+        sender.sock.close()
+        sender.seq = 2  # each sent lines 0 and 1
+        gen.senders.append(sender)
+    copies = {
+        (0, 0): b"<a> m 0000 00000000\n",
+        (0, 1): b"<a> m 0000 00000001\n",
+        (1, 0): b"<b> m 0001 00000000\n",
+        (1, 1): b"<b> m 0001 00000001\n",
+    }
+    in_order = b"".join(copies.values())
+    records = [
+        in_order,
+        in_order,  # all good
+        in_order.replace(copies[1, 0], b""),  # one lost
+        in_order + copies[0, 1],  # one twice
+        copies[1, 0] + copies[0, 0] + copies[0, 1] + copies[1, 1],  # another order
+    ]
+    for record in records:
+        conn = _Conn(socket.socket())
+        conn.sock.close()
+        conn.record = bytearray(record)
+        gen.conns.append(conn)
+    assert gen._check_copies() == (1, 1, 1)
 
 
 def test_command_line_refuses_a_crowd_that_is_not_numbers():

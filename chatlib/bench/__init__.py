@@ -4,7 +4,8 @@ Run ``python -m chatlib.bench`` (``--help`` for the options), or drive it from
 Python::
 
     from chatlib.bench import (
-        run_crowd, run_fanout, run_fanout_alternating, run_scale, start_server
+        ServerGroup, run_crowd, run_fanout, run_fanout_alternating, run_scale,
+        start_server, wait_until_linked,
     )
 
     with start_server("asyncio") as server:
@@ -21,6 +22,15 @@ Python::
         without, with_store = run_fanout_alternating([plain, stored])
     print(with_store.deliveries_per_s / without.deliveries_per_s)
 
+    # Two servers on one Redis: the clients spread over both, every copy checked.
+    with start_server("redis") as redis:
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        with start_server("asyncio", broker=url) as a, start_server("asyncio", broker=url) as b:
+            pair = ServerGroup("asyncio x2", [a, b])
+            wait_until_linked(pair)
+            (linked,) = run_fanout_alternating([pair], exact=True)
+    print(linked.deliveries_per_s, linked.lost, linked.disordered)
+
 Every server runs in its own process on 127.0.0.1 and the load generator in
 this one; docs/benchmarks.md explains what each number means.
 """
@@ -30,14 +40,18 @@ from chatlib.bench.loadgen import (
     FanoutResult,
     MarkerCounter,
     ScaleResult,
+    ServerGroup,
     message_text,
     resp_command,
     run_crowd,
     run_fanout,
     run_fanout_alternating,
     run_scale,
+    wait_until_linked,
 )
 from chatlib.bench.report import (
+    CLUSTER_ENGINE,
+    CLUSTER_SIZES,
     CROWD_SIZES,
     TARGETS,
     THREADS_CROWD_UP_TO,
@@ -63,6 +77,8 @@ from chatlib.bench.servers import (
 
 __all__ = [
     "CHATLIB_ENGINES",
+    "CLUSTER_ENGINE",
+    "CLUSTER_SIZES",
     "CROWD_SIZES",
     "HOST",
     "SERVER_KINDS",
@@ -76,6 +92,7 @@ __all__ = [
     "ScaleResult",
     "Server",
     "ServerError",
+    "ServerGroup",
     "StopResult",
     "TargetCheck",
     "available_servers",
@@ -91,4 +108,5 @@ __all__ = [
     "run_fanout_alternating",
     "run_scale",
     "start_server",
+    "wait_until_linked",
 ]

@@ -6,8 +6,15 @@ import argparse
 import json
 import sys
 
-from chatlib.bench.report import CROWD_SIZES, THREADS_CROWD_UP_TO, format_report, run_bench
-from chatlib.bench.servers import SERVER_KINDS, available_servers
+from chatlib.bench.report import (
+    CLUSTER_ENGINE,
+    CLUSTER_SIZES,
+    CROWD_SIZES,
+    THREADS_CROWD_UP_TO,
+    format_report,
+    run_bench,
+)
+from chatlib.bench.servers import CHATLIB_ENGINES, SERVER_KINDS, available_servers
 
 # --quick: small enough for CI and notebooks, big enough to exercise every path.
 _QUICK = {
@@ -17,7 +24,11 @@ _QUICK = {
     "warmup": 0.2,
     "idle_clients": 500,
     "crowd": (200,),
+    "cluster_clients": 12,  # 6 per server in a cluster of 2, 4 in one of 3
 }
+
+# What --cluster-only turns off: everything else.
+_ONLY_CLUSTER = {"clients": 0, "idle_clients": 0, "crowd": ()}
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -89,6 +100,28 @@ def main(argv: list[str] | None = None) -> int:
         "skips it (default: on)",
     )
     add(
+        "--cluster-clients",
+        type=int,
+        default=100,
+        help="clients in the cluster scenario: the typing fan-out on one server, on Redis "
+        f"alone, and spread over {' and over '.join(map(str, CLUSTER_SIZES))} servers "
+        "linked through that Redis; 0 skips it (%(default)s)",
+    )
+    add(
+        "--cluster-engine",
+        choices=CHATLIB_ENGINES,
+        default=CLUSTER_ENGINE,
+        help="the engine the cluster scenario runs (%(default)s)",
+    )
+    add(
+        "--cluster-only",
+        action="store_true",
+        help="run only the cluster scenario: "
+        + ", ".join(
+            f"--{k.replace('_', '-')} {_shown(v) or repr('')}" for k, v in _ONLY_CLUSTER.items()
+        ),
+    )
+    add(
         "--scale-timeout",
         type=float,
         default=300.0,
@@ -111,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         parser.set_defaults(**_QUICK)
         args = parser.parse_args(argv)  # explicit options still win over --quick
+    if args.cluster_only:
+        if args.cluster_clients <= 0:
+            parser.error("--cluster-only with --cluster-clients 0 leaves nothing to run")
+        for name, value in _ONLY_CLUSTER.items():
+            setattr(args, name, value)
     servers = None  # all available
     if args.servers:
         servers = [name.strip() for name in args.servers.split(",") if name.strip()]
@@ -130,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         scale_timeout=args.scale_timeout,
         crowd=args.crowd,
         store=args.store,
+        cluster_clients=args.cluster_clients,
+        cluster_engine=args.cluster_engine,
         pin=args.pin,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )

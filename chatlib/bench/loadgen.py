@@ -19,27 +19,32 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import re
 import selectors
 import socket
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from time import perf_counter
 from typing import Any
 
-from chatlib.bench.servers import Server, StopResult, raise_open_files_limit
+from chatlib.bench.servers import HOST, Server, StopResult, raise_open_files_limit
+from chatlib.protocol import parse_notice, parse_server_line
 
 __all__ = [
     "CrowdResult",
     "FanoutResult",
     "MarkerCounter",
     "ScaleResult",
+    "ServerGroup",
     "message_text",
     "resp_command",
     "run_crowd",
     "run_fanout",
     "run_fanout_alternating",
     "run_scale",
+    "wait_until_linked",
 ]
 
 # One read takes whatever the kernel has queued, up to this much: when the load
@@ -67,6 +72,9 @@ _MAX_SENDERS = 9999  # the sender field is four digits wide
 # last copies draining) is a small part of it.
 _SLICE_S = 0.5
 _REPORT_EVERY = 5.0  # seconds between progress lines in long waits
+# A copy of a measured line, as the exact count (exact=True) reads it back:
+# the sender and its line's number.
+_MEASURED_COPY = re.compile(rb"> m (\d{4}) (\d{8})")
 
 Progress = Callable[[str], None]
 
@@ -148,7 +156,58 @@ class FanoutResult:
     p50_ms: float  #: median time from a sender's send to its own copy
     p99_ms: float
     loadgen_cpu: float  #: share of one core the load generator used (1.0 = saturated)
-    server_cpu: float | None  #: the same for the server process, if known
+    server_cpu: float | None  #: the same for the server process (or all of a group's), if known
+    #: With ``exact=True``: copies that came twice or more (else None).
+    duplicates: int | None = None
+    #: With ``exact=True``: clients that saw the lines in another order than
+    #: the first client did (else None). One server, or one broker, sets one
+    #: order for everyone, so anything but 0 is a bug.
+    disordered: int | None = None
+
+
+@dataclass
+class ServerGroup:
+    """Chat servers that make one chat (on one broker): a load spreads its clients over them.
+
+    Client *i* connects to ``servers[i % len(servers)]``, so the clients, and
+    the senders among them, are spread evenly. Pass one to
+    :func:`run_fanout_alternating` (with ``exact=True``, to check every copy)
+    once :func:`wait_until_linked` says the servers see each other.
+    """
+
+    name: str
+    servers: Sequence[Server]
+    #: The broker's own process, if it is to be counted in ``server_cpu``.
+    broker: Server | None = None
+    protocol: str = field(default="chat", init=False)
+
+    def __post_init__(self) -> None:
+        if not self.servers or any(server.protocol != "chat" for server in self.servers):
+            raise ValueError("a group is one or more chat servers")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The first server's (host, port)."""
+        return self.servers[0].address
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every server's (host, port), in the order clients are spread over them."""
+        return [server.address for server in self.servers]
+
+    def cpu_seconds(self) -> float | None:
+        """Return the CPU time the servers (and the broker, if given) used so far, or None."""
+        processes = [*self.servers, *([self.broker] if self.broker else [])]
+        times = [server.cpu_seconds() for server in processes]
+        if any(seconds is None for seconds in times):
+            return None
+        return sum(times)  # type: ignore[arg-type]
+
+    def output(self, limit: int = 4000) -> str:
+        """Return the last output of each server (*limit* bytes each), each under its port."""
+        return "\n".join(
+            f"[{server.port}] {server.output(limit).strip()}" for server in self.servers
+        )
 
 
 @dataclass
@@ -237,7 +296,7 @@ def run_fanout(
 
 
 def run_fanout_alternating(
-    servers: Sequence[Server],
+    servers: Sequence[Server | ServerGroup],
     *,
     clients: int = 100,
     senders: int = 10,
@@ -246,6 +305,7 @@ def run_fanout_alternating(
     warmup: float = 0.5,
     read_interval: float = 0.002,
     timeout: float = 60.0,
+    exact: bool = False,
     progress: Progress | None = None,
 ) -> list[FanoutResult]:
     """Measure :func:`run_fanout` on several *servers* in turns; return one result each.
@@ -257,6 +317,13 @@ def run_fanout_alternating(
     slows every server alike, which two runs one after the other cannot
     promise: their ratio is what this is for. A result sums its server's
     slices; its latencies are those of all its slices together.
+
+    A :class:`ServerGroup` gets its *clients* spread over its servers. With
+    *exact*, every client keeps the bytes of the measured lines, and each copy
+    is checked afterwards: ``lost`` counts the (sender, line) pairs a client
+    never got, whatever else it got twice, and the result's ``duplicates``
+    and ``disordered`` say the rest. It costs the load generator a copy of
+    every byte: give it to every server compared, or to none.
     """
     if not 1 <= senders <= min(clients, _MAX_SENDERS):
         raise ValueError(f"senders must be between 1 and min(clients, {_MAX_SENDERS})")
@@ -266,7 +333,7 @@ def run_fanout_alternating(
     try:
         deadline = perf_counter() + timeout
         for server in servers:
-            gens.append(gen := _LoadGen(server, progress))
+            gens.append(gen := _LoadGen(server, progress, exact=exact))
             gen.connect(clients, deadline)
             gen.add_senders(senders, read_interval)
             gen.sync(deadline)
@@ -405,19 +472,95 @@ def run_crowd(
     )
 
 
+def wait_until_linked(group: ServerGroup, timeout: float = 20.0) -> float:
+    """Return once every server of *group* lists users of all of them; return the seconds taken.
+
+    One probe client connects to each server and asks ``/who`` until every
+    server's answer holds a guest of every server (a guest's name ends in
+    its server's tag: ``guest1-3fa2``). Raises :class:`TimeoutError` after
+    *timeout* seconds, saying what each server saw. The probes leave at the
+    end, which the servers tell each other before anything is measured.
+    """
+    start = perf_counter()
+    deadline = start + timeout
+    probes: list[_Probe] = []
+    try:
+        for server in group.servers:
+            probes.append(_Probe(server.address, deadline))
+        tags = [_tag(probe.wait_for_notice("welcome", deadline)["name"]) for probe in probes]
+        while True:
+            seen = []
+            for probe in probes:
+                probe.send(b"/who\n")
+                names = probe.wait_for_notice("members", deadline)["names"].split(", ")
+                seen.append({_tag(name) for name in names})
+            if all(set(tags) <= tags_seen for tags_seen in seen):
+                return perf_counter() - start
+            if perf_counter() + _SYNC_INTERVAL > deadline:
+                views = "; ".join(
+                    f"{server.port} sees {sorted(tags_seen)}"
+                    for server, tags_seen in zip(group.servers, seen, strict=True)
+                )
+                raise TimeoutError(
+                    f"{group.name}: servers {sorted(tags)} not linked after {timeout:g} s: {views}"
+                )
+            time.sleep(_SYNC_INTERVAL)  # between two rounds of /who, not instead of one
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+class _Probe:
+    """A plain blocking client that reads the server's lines one by one."""
+
+    def __init__(self, address: tuple[str, int], deadline: float) -> None:
+        if address[0] != HOST:
+            raise ValueError(f"the benchmark only talks to {HOST}, not {address[0]}")
+        self.sock = socket.create_connection(address, timeout=max(0.1, deadline - perf_counter()))
+        self.lines = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def wait_for_notice(self, event: str, deadline: float) -> dict[str, str]:
+        """Read lines until the notice *event* (see chatlib.protocol.NOTICES); return its fields."""
+        while True:
+            remaining = deadline - perf_counter()
+            if remaining <= 0:
+                raise TimeoutError(f"no {event!r} notice from {self.sock.getpeername()}")
+            self.sock.settimeout(remaining)
+            raw = self.lines.readline()
+            if not raw:
+                raise ConnectionError("a server closed a probe's connection")
+            line = parse_server_line(raw.decode(errors="replace").rstrip("\r\n"))
+            notice = parse_notice(line.text) if line.kind == "notice" else None
+            if notice is not None and notice[0] == event:
+                return notice[1]
+
+    def close(self) -> None:
+        self.lines.close()
+        self.sock.close()
+
+
+def _tag(name: str) -> str:
+    """Return the server's tag in a guest's name: ``3fa2`` for ``guest1-3fa2``."""
+    return name.rpartition("-")[2]
+
+
 # Private: the load generator itself.
 
 
 class _Conn:
     """One client socket and what it has counted so far."""
 
-    __slots__ = ("ready", "seen", "sender", "sock")
+    __slots__ = ("ready", "record", "seen", "sender", "sock")
 
     def __init__(self, sock: socket.socket, ready: bool = False) -> None:
         self.sock = sock
         self.ready = ready  # the server has said something to it
         self.seen: MarkerCounter | None = None  # copies of the current phase's lines
         self.sender: _Sender | None = None
+        self.record: bytearray | None = None  # every byte of the measured phase, if exact
 
 
 class _Sender:
@@ -463,8 +606,12 @@ class _Sender:
 class _LoadGen:
     """Client sockets on one server, and the loop that reads them."""
 
-    def __init__(self, server: Server, progress: Progress | None) -> None:
+    def __init__(
+        self, server: Server | ServerGroup, progress: Progress | None, exact: bool = False
+    ) -> None:
         self.server = server
+        self.addresses = server.addresses if isinstance(server, ServerGroup) else [server.address]
+        self.exact = exact
         self.progress = progress or (lambda message: None)
         self.selector = selectors.DefaultSelector()  # read as soon as data arrives
         self.batched = selectors.DefaultSelector()  # read every read_interval seconds
@@ -501,7 +648,7 @@ class _LoadGen:
         next_report = perf_counter() + _REPORT_EVERY
         while self.ready < count:
             while len(self.conns) < count and len(self.conns) - self.ready < _CONNECT_BATCH:
-                conn = _Conn(self._open())
+                conn = _Conn(self._open(len(self.conns)))
                 if self.hello:
                     _send_all(conn.sock, self.hello)
                 self.conns.append(conn)
@@ -589,6 +736,9 @@ class _LoadGen:
         """Send for *duration* s with *window* lines in flight per sender; count every copy."""
         clients = len(self.conns)
         self._count(phase)
+        exact = self.exact and phase == b"m"
+        for conn in self.conns if exact else ():
+            conn.record = bytearray()
         for sender in self.senders:
             sender.start(phase)
         cpu_before = _own_cpu_seconds()
@@ -618,7 +768,11 @@ class _LoadGen:
         loadgen_cpu = (_own_cpu_seconds() - cpu_before) / wall
         server_cpu = _share(server_cpu_before, self.server.cpu_seconds(), wall)
         assert all(conn.seen is not None for conn in self.conns)
-        lost = sum(max(0, sent - conn.seen.count) for conn in self.conns)  # type: ignore[union-attr]
+        duplicates = disordered = None
+        if exact:
+            lost, duplicates, disordered = self._check_copies()
+        else:
+            lost = sum(max(0, sent - conn.seen.count) for conn in self.conns)  # type: ignore[union-attr]
         latencies = sorted(itertools.chain.from_iterable(s.latencies for s in self.senders))
         self.latencies = latencies
         seconds = last_delivery - start
@@ -637,6 +791,8 @@ class _LoadGen:
             p99_ms=_percentile(latencies, 0.99) * 1000,
             loadgen_cpu=loadgen_cpu,
             server_cpu=server_cpu,
+            duplicates=duplicates,
+            disordered=disordered,
         )
 
     def broadcast_once(self, seq: int, deadline: float) -> float:
@@ -657,8 +813,38 @@ class _LoadGen:
 
     # Private methods
 
-    def _open(self) -> socket.socket:
-        sock = socket.create_connection(self.server.address, timeout=10.0)
+    def _check_copies(self) -> tuple[int, int, int]:
+        """Check every client's record of the measured phase; return (lost, duplicates, disordered).
+
+        Each client must have every line each sender sent (its own included)
+        exactly once, in the order the first client saw them. The records
+        are dropped afterwards.
+        """
+        expected = {
+            (b"%04d" % sender.sid, b"%08d" % seq)
+            for sender in self.senders
+            for seq in range(sender.seq)
+        }
+        lost = duplicates = disordered = 0
+        first_seen: dict[tuple[bytes, bytes], int] | None = None
+        for conn in self.conns:
+            assert conn.record is not None
+            copies = _MEASURED_COPY.findall(conn.record)
+            conn.record = None
+            distinct = dict.fromkeys(copies)  # in order of arrival, each once
+            duplicates += len(copies) - len(distinct)
+            lost += len(expected - distinct.keys())
+            if first_seen is None:
+                first_seen = {copy: place for place, copy in enumerate(distinct)}
+                continue
+            # Compared on the lines both have: a lost line is counted once, above.
+            places = [first_seen[copy] for copy in distinct if copy in first_seen]
+            disordered += places != sorted(places)
+        return lost, duplicates, disordered
+
+    def _open(self, index: int = 0) -> socket.socket:
+        """Connect a client to the server, or to a group's server number *index* (wrapping)."""
+        sock = socket.create_connection(self.addresses[index % len(self.addresses)], timeout=10.0)
         # Our lines must leave at once, not wait for an ACK: measure the server, not Nagle.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
@@ -701,6 +887,8 @@ class _LoadGen:
             if not size:
                 raise ConnectionError(f"{self.server.name} closed a client's connection")
             self.bytes_in += size
+            if conn.record is not None:
+                conn.record += memoryview(buffer)[:size]
             if not conn.ready:
                 conn.ready = True
                 self.ready += 1
@@ -765,12 +953,19 @@ def _merged(parts: list[tuple[FanoutResult, list[float]]]) -> FanoutResult:
         messages=sum(r.messages for r in results),
         deliveries=deliveries,
         lost=sum(r.lost for r in results),
+        duplicates=_summed([r.duplicates for r in results]),
+        disordered=_summed([r.disordered for r in results]),
         deliveries_per_s=deliveries / seconds if seconds > 0 else 0.0,
         p50_ms=_percentile(latencies, 0.50) * 1000,
         p99_ms=_percentile(latencies, 0.99) * 1000,
         loadgen_cpu=weighted(lambda r: r.loadgen_cpu) or 0.0,
         server_cpu=weighted(lambda r: r.server_cpu),
     )
+
+
+def _summed(counts: list[int | None]) -> int | None:
+    """Return the sum of *counts*, or None if any is None (not counted)."""
+    return None if any(count is None for count in counts) else sum(counts)  # type: ignore[arg-type]
 
 
 def _terminate_connected(gen: _LoadGen, clients: int, timeout: float) -> StopResult:

@@ -18,9 +18,11 @@ from chatlib.bench.loadgen import (
     FanoutResult,
     Progress,
     ScaleResult,
+    ServerGroup,
     run_crowd,
     run_fanout_alternating,
     run_scale,
+    wait_until_linked,
 )
 from chatlib.bench.servers import (
     CHATLIB_ENGINES,
@@ -35,6 +37,8 @@ from chatlib.bench.servers import (
 )
 
 __all__ = [
+    "CLUSTER_ENGINE",
+    "CLUSTER_SIZES",
     "CROWD_SIZES",
     "TARGETS",
     "THREADS_CROWD_UP_TO",
@@ -80,6 +84,15 @@ CROWD_SIZES = (1000, 5000, 10000)
 #: pick"); 10,000 would measure that again, only slower.
 THREADS_CROWD_UP_TO = 5000
 
+#: The engine the cluster scenario runs, unless told otherwise.
+CLUSTER_ENGINE = "asyncio"
+
+#: How many servers share one Redis in the cluster scenario: each size is a cluster.
+CLUSTER_SIZES = (2, 3)
+
+# How long the servers of a cluster may take to see each other's users.
+_LINK_TIMEOUT = 20.0
+
 # The naive servers are the fan-out baseline; a crowd would measure their
 # thread per client again, as it does for threads.
 _NO_CROWD = ("naive", "naive-nagle")
@@ -95,6 +108,9 @@ class BenchReport:
     pipelined: dict[str, FanoutResult] = field(default_factory=dict)
     scale: dict[str, ScaleResult] = field(default_factory=dict)
     crowd: list[CrowdResult] = field(default_factory=list)  #: one per (server, size), in run order
+    #: The cluster scenario's typing runs: one server alone, Redis alone, and
+    #: each cluster (``"asyncio x2"``: two servers on one Redis), by name.
+    cluster: dict[str, FanoutResult] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  #: why a server has no numbers
     notes: list[str] = field(default_factory=list)
 
@@ -140,6 +156,8 @@ def run_bench(
     scale_timeout: float = 300.0,
     crowd: Sequence[int] = CROWD_SIZES,
     store: bool = True,
+    cluster_clients: int = 100,
+    cluster_engine: str = CLUSTER_ENGINE,
     pin: bool = True,
     progress: Progress | None = None,
 ) -> BenchReport:
@@ -156,9 +174,17 @@ def run_bench(
     SIGTERM with every client still connected. Then one more process for each
     size in *crowd* (:func:`run_crowd`, also bounded by *scale_timeout*; an
     empty *crowd* skips it): threads only up to :data:`THREADS_CROWD_UP_TO`,
-    the naive servers never. With *pin*, the server runs on one CPU and this
+    the naive servers never. Last, the cluster scenario (0 *cluster_clients*
+    skips it): the typing fan-out with *cluster_clients* on one
+    *cluster_engine* server, on Redis pub/sub, and spread over each of
+    :data:`CLUSTER_SIZES` servers linked through that Redis, every copy
+    checked (``exact``). With *pin*, the servers run on one CPU and this
     process on another, for the duration of the call.
     """
+    if cluster_engine not in CHATLIB_ENGINES:
+        raise ValueError(
+            f"the cluster runs one of {', '.join(CHATLIB_ENGINES)}, not {cluster_engine}"
+        )
     say = progress or (lambda message: None)
     names = list(servers) if servers is not None else available_servers()
     settings = {
@@ -173,6 +199,9 @@ def run_bench(
         "scale_timeout": scale_timeout,
         "crowd": sorted({size for size in crowd if size > 0}),
         "store": store,
+        "cluster_clients": cluster_clients,
+        "cluster_engine": cluster_engine,
+        "cluster_sizes": list(CLUSTER_SIZES),
     }
     report = BenchReport(settings=settings, machine=machine_info())
     if store and clients > 0 and set(names) & set(CHATLIB_ENGINES):
@@ -216,6 +245,11 @@ def run_bench(
                 if name in report.errors:
                     break  # a bigger crowd would fail too, after a longer wait
                 _measure_crowd(report, name, size, server_cpu, say)
+        if cluster_clients > 0:
+            if shutil.which("redis-server"):
+                _measure_cluster(report, server_cpu, say)
+            else:
+                report.notes.append("cluster skipped: no redis-server on this machine")
     # Others' work on the machine skews everything; say how busy it was.
     report.notes.append(f"load average (1 min): {load_before} before, {_load_average()} after")
     return report
@@ -292,6 +326,7 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
     checks += _check_crowd(report)
     checks += [_check_stop(report, engine) for engine in CHATLIB_ENGINES]
 
+    checks += _check_cluster(report)
     results = [*report.typing.values(), *report.pipelined.values()]
     lossy = [f"{r.server} ({r.mode}): {r.lost}" for r in results if r.lost]
     if not results:
@@ -344,6 +379,8 @@ def format_report(report: BenchReport) -> str:
             "broadcast: one line until every client had it; CPU: while connecting",
         ]
         lines += _crowd_table(report.crowd)
+    if s.get("cluster_clients", 0) > 0:
+        lines += _cluster_section(report)
     if report.errors:
         lines += ["", "Errors"]
         lines += [f"  {name}: {error}" for name, error in report.errors.items()]
@@ -399,6 +436,25 @@ def _check_ratio(
         return TargetCheck(target, None, f"{baseline_name} not run")
     ratio = result.deliveries_per_s / baseline.deliveries_per_s
     return TargetCheck(target, ratio >= wanted if judged else None, shown_as.format(ratio) + off)
+
+
+def _check_cluster(report: BenchReport) -> list[TargetCheck]:
+    """Check that every copy in the cluster scenario arrived, once, in one order everywhere."""
+    target = "cluster: every line reaches every client on every server, once, in one order"
+    if not report.settings.get("cluster_clients"):
+        return [TargetCheck(target, None, "cluster skipped")]
+    failed = [name for name in report.errors if name.startswith("cluster: ")]
+    if failed:
+        return [TargetCheck(target, False, "; ".join(f"{n}: {report.errors[n]}" for n in failed))]
+    if not report.cluster:
+        return [TargetCheck(target, None, "not run")]
+    bad = [
+        f"{name}: {r.lost} lost, {r.duplicates} twice, {r.disordered} out of order"
+        for name, r in report.cluster.items()
+        if r.lost or r.duplicates or r.disordered
+    ]
+    detail = "; ".join(bad) or f"{sum(r.deliveries for r in report.cluster.values()):,} copies"
+    return [TargetCheck(target, not bad, detail)]
 
 
 def _check_store(report: BenchReport, engine: str, judged: bool, off: str) -> TargetCheck:
@@ -635,6 +691,89 @@ def _measure_crowd(
         _note_exit(report, server)
 
 
+def _measure_cluster(report: BenchReport, cpu: int | None, say: Progress) -> None:
+    """Run the typing fan-out on one server, on Redis, and on each cluster over that Redis.
+
+    One redis-server serves as the Redis row and as every cluster's broker.
+    The clusters run one after the other, each stopped before the next
+    starts: servers on one Redis make one chat, so two clusters up at once
+    would be one cluster of five.
+    """
+    s = report.settings
+    engine = s["cluster_engine"]
+    clients = s["cluster_clients"]
+    runs = {
+        "clients": clients,
+        "senders": min(s["senders"], clients),
+        "duration": s["duration"],
+        "warmup": s["warmup"],
+        "exact": True,
+        "progress": say,
+    }
+    with contextlib.ExitStack() as stack:
+        broker = _start(report, "redis", cpu, say, errors_as="cluster: redis")
+        alone = _start(report, engine, cpu, say, errors_as=f"cluster: {engine}")
+        for server in (broker, alone):
+            if server is not None:
+                stack.enter_context(server)
+        measured = [server for server in (alone, broker) if server is not None]
+        say(f"cluster: {', '.join(server.name for server in measured)}, typing, in turns...")
+        try:
+            # The two baselines take turns, as a server and its store do.
+            for result in run_fanout_alternating(measured, **runs):
+                report.cluster[result.server] = result
+                say(f"cluster: {result.server}: {result.deliveries_per_s:,.0f} deliveries/s")
+        except OSError as error:
+            for server in measured:
+                _record_error(report, f"cluster: {server.name}", "fan-out", error, server, say)
+        if broker is None:
+            return  # no cluster without its broker; the error is recorded
+        for size in s["cluster_sizes"]:
+            _measure_one_cluster(report, f"{engine} x{size}", engine, size, broker, cpu, runs, say)
+        for server in measured:
+            _note_exit(report, server)
+
+
+def _measure_one_cluster(
+    report: BenchReport,
+    name: str,
+    engine: str,
+    size: int,
+    broker: Server,
+    cpu: int | None,
+    runs: dict[str, Any],
+    say: Progress,
+) -> None:
+    """Start *size* servers on *broker*, wait until they are linked, measure, stop them.
+
+    The result's server CPU is theirs and the broker's together: what the
+    whole cluster cost.
+    """
+    label = f"cluster: {name}"
+    url = f"redis://{broker.host}:{broker.port}/0"
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for _ in range(size):
+            server = _start(report, engine, cpu, say, broker=url, errors_as=label)
+            if server is None:
+                return  # the ExitStack stops those already started
+            servers.append(stack.enter_context(server))
+        group = ServerGroup(name, servers, broker=broker)
+        try:
+            linked_s = wait_until_linked(group, _LINK_TIMEOUT)
+            report.notes.append(
+                f"{name}: every server listed every other's users after {linked_s:.2f} s"
+            )
+            say(f"{label}: linked; typing, {runs['clients']} clients spread over {size}...")
+            (result,) = run_fanout_alternating([group], **runs)
+            report.cluster[name] = result
+            say(f"{label}: {result.deliveries_per_s:,.0f} deliveries/s, {result.lost} lost")
+        except OSError as error:  # TimeoutError and ConnectionError included
+            _record_error(report, label, "fan-out", error, group, say)
+        for server in servers:
+            _note_exit(report, server)
+
+
 def _crowd_sizes(name: str, sizes: Sequence[int]) -> list[int]:
     """Return the crowd sizes server *name* runs, of *sizes*."""
     if name in _NO_CROWD:
@@ -651,12 +790,20 @@ def _sizes_text(sizes: Sequence[int]) -> str:
 
 
 def _start(
-    report: BenchReport, name: str, cpu: int | None, say: Progress, *, store: bool = False
+    report: BenchReport,
+    name: str,
+    cpu: int | None,
+    say: Progress,
+    *,
+    store: bool = False,
+    broker: str | None = None,
+    errors_as: str | None = None,
 ) -> Server | None:
-    label = name + STORE_SUFFIX if store else name
+    """Start a server; on failure, record why under *errors_as* (default: its name)."""
+    label = errors_as or (name + STORE_SUFFIX if store else name)
     say(f"{label}: starting the server...")
     try:
-        return start_server(name, store=store, cpu=cpu)
+        return start_server(name, store=store, cpu=cpu, broker=broker)
     except ServerError as error:
         report.errors[label] = str(error)
         say(f"{label}: {error}")
@@ -664,7 +811,12 @@ def _start(
 
 
 def _record_error(
-    report: BenchReport, name: str, run: str, error: Exception, server: Server, say: Progress
+    report: BenchReport,
+    name: str,
+    run: str,
+    error: Exception,
+    server: Server | ServerGroup,
+    say: Progress,
 ) -> None:
     message = f"{run}: {type(error).__name__}: {error}"
     tail = server.output(limit=600).strip().splitlines()[-3:]
@@ -776,6 +928,78 @@ def _scale_table(results: dict[str, ScaleResult]) -> list[str]:
             )
         )
     return _table(rows) if len(rows) > 1 else ["  (no results)"]
+
+
+def _cluster_section(report: BenchReport) -> list[str]:
+    """Return the cluster section: the table, the hop's cost per cluster, and any loss, loudly."""
+    s = report.settings
+    engine, results = s["cluster_engine"], report.cluster
+    clients = s["cluster_clients"]
+    senders = min(s["senders"], clients)
+    lines = [
+        "",
+        f"Cluster: typing, {clients} clients and {senders} senders, {s['duration']:g} s: "
+        f"one {engine} server, Redis pub/sub, and {engine} servers on that Redis, the "
+        "clients spread evenly; every copy checked (lost: a line a client never got)",
+    ]
+    rows = [
+        (
+            "setup",
+            "chat servers",
+            "deliveries/s",
+            f"vs one {engine}",
+            "p50 ms",
+            "p99 ms",
+            "lost",
+            "twice",
+            "out of order",
+            "server CPU",
+            "loadgen CPU",
+        )
+    ]
+    alone = results.get(engine)
+    for name, r in results.items():
+        servers = "-" if name == "redis" else name.rpartition(" x")[2] if " x" in name else "1"
+        rows.append(
+            (
+                name,
+                servers,
+                f"{r.deliveries_per_s:,.0f}",
+                f"{r.deliveries_per_s / alone.deliveries_per_s:.2f}x" if alone else "-",
+                f"{r.p50_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                str(r.lost),
+                "-" if r.duplicates is None else str(r.duplicates),
+                "-" if r.disordered is None else str(r.disordered),
+                _percent(r.server_cpu),
+                _percent(r.loadgen_cpu),
+            )
+        )
+    lines += _table(rows) if len(rows) > 1 else ["  (no results)"]
+    clusters = [(name, r) for name, r in results.items() if " x" in name]
+    for name, r in clusters if alone else ():
+        lines.append(
+            f"  {name}: the broker hop costs {alone.deliveries_per_s / r.deliveries_per_s:.1f}x: "
+            f"{r.deliveries_per_s / alone.deliveries_per_s:.2f}x one {engine} server's "
+            f"deliveries/s, p50 {r.p50_ms / alone.p50_ms:.1f}x and p99 "
+            f"{r.p99_ms / alone.p99_ms:.1f}x its latency"
+        )
+    if clusters:
+        cpus = report.machine["cpus"]
+        pinned = any(note.startswith("servers ran on CPU") for note in report.notes)
+        where = "every server and Redis shared one CPU" if pinned else f"all shared {cpus} CPUs"
+        lines.append(
+            f"  On this machine ({cpus} CPUs) {where}, so a cluster cannot be faster than one "
+            "server: each line costs every server its fan-out plus a trip through Redis. This "
+            "measures what the hop costs, not how a cluster on several machines scales."
+        )
+    for name, r in results.items():
+        if r.lost or r.duplicates or r.disordered:
+            lines.append(
+                f"  !!! {name}: {r.lost} LOST deliveries, {r.duplicates} twice, "
+                f"{r.disordered} clients out of order: a bug, not a measurement"
+            )
+    return lines
 
 
 def _crowd_table(results: list[CrowdResult]) -> list[str]:

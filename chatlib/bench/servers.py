@@ -229,7 +229,12 @@ def available_servers() -> list[str]:
 
 
 def start_server(
-    name: str, *, store: bool = False, cpu: int | None = None, timeout: float = 10.0
+    name: str,
+    *,
+    store: bool = False,
+    cpu: int | None = None,
+    timeout: float = 10.0,
+    broker: str | None = None,
 ) -> Server:
     """Start server *name* (one of :data:`SERVER_KINDS`) and return once it accepts clients.
 
@@ -237,13 +242,20 @@ def start_server(
     (``--store``, in a new temporary directory that :meth:`Server.stop`
     removes), and its name ends in :data:`STORE_SUFFIX`. *cpu* pins the
     server's process to that CPU (Linux), so that it and the load generator
-    each have a core. Raises :class:`ServerError` if the server is missing or
-    does not come up within *timeout* seconds.
+    each have a core. *broker*, a ``redis://127.0.0.1:PORT/DB`` URL, makes a
+    chatlib engine one of the servers on that Redis (``--broker``); it returns
+    once the server listens, maybe before it is linked. Raises
+    :class:`ServerError` if the server is missing or does not come up within
+    *timeout* seconds.
     """
     if name not in SERVER_KINDS:
         raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVER_KINDS)}")
     if store and name not in CHATLIB_ENGINES:
         raise ValueError(f"only chatlib's engines keep a history store, not {name}")
+    if broker is not None and name not in CHATLIB_ENGINES:
+        raise ValueError(f"only chatlib's engines link through a broker, not {name}")
+    if broker is not None and not broker.startswith(f"redis://{HOST}:"):
+        raise ValueError(f"the benchmark only talks to {HOST}, not to the broker {broker}")
     raise_open_files_limit()
     if name == "redis":
         return _start_redis(cpu, timeout)
@@ -256,6 +268,8 @@ def start_server(
             store_path = os.path.join(tempfile.mkdtemp(prefix="chatlib-bench-"), "history.db")
             command += ["--store", store_path]
             name += STORE_SUFFIX
+        if broker is not None:
+            command += ["--broker", broker]
     else:
         command = [sys.executable, "-m", "chatlib.bench.naive", "--port", "0"]
         if name == "naive-nagle":

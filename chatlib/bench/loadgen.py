@@ -30,7 +30,7 @@ from time import perf_counter
 from typing import Any
 
 from chatlib.bench.servers import HOST, Server, StopResult, raise_open_files_limit
-from chatlib.protocol import parse_notice, parse_server_line
+from chatlib.protocol import parse_notice, parse_server_line, split_member
 
 __all__ = [
     "CrowdResult",
@@ -476,8 +476,9 @@ def wait_until_linked(group: ServerGroup, timeout: float = 20.0) -> float:
     """Return once every server of *group* lists users of all of them; return the seconds taken.
 
     One probe client connects to each server and asks ``/who`` until every
-    server's answer holds a guest of every server (a guest's name ends in
-    its server's tag: ``guest1-3fa2``). Raises :class:`TimeoutError` after
+    server's answer lists a user of every server (a guest's name ends in
+    its server's tag, ``guest1-3fa2``, and a member list gives each
+    member's server, ``guest1-3fa2@3fa2``). Raises :class:`TimeoutError` after
     *timeout* seconds, saying what each server saw. The probes leave at the
     end, which the servers tell each other before anything is measured.
     """
@@ -492,8 +493,9 @@ def wait_until_linked(group: ServerGroup, timeout: float = 20.0) -> float:
             seen = []
             for probe in probes:
                 probe.send(b"/who\n")
-                names = probe.wait_for_notice("members", deadline)["names"].split(", ")
-                seen.append({_tag(name) for name in names})
+                # A cluster lists each member with its server: guest1-3fa2@3fa2.
+                entries = probe.wait_for_notice("members", deadline)["names"].split(", ")
+                seen.append({split_member(entry)[1] for entry in entries})
             if all(set(tags) <= tags_seen for tags_seen in seen):
                 return perf_counter() - start
             if perf_counter() + _SYNC_INTERVAL > deadline:

@@ -10,6 +10,9 @@ poke at real servers without waiting on luck:
   never prints: a print from a thread lands in a random notebook cell);
 - :class:`NaiveChatServer` is the broadcast loop of lesson 03, the design
   that lets one client that stops reading stall everyone;
+- :class:`LocalFirstChat` is lesson 10's chat that shows its own clients'
+  lines before the broker orders them, the design that lets two servers
+  show two conversations;
 - the ``check_*`` functions are the exercises' self-checks.
 
 Framing and sanitising come from :mod:`chatlib.protocol`, as everywhere else.

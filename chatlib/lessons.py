@@ -49,6 +49,7 @@ from chatlib.cluster import Cluster, encode_event
 from chatlib.engines.base import ServerBase
 from chatlib.protocol import (
     CLIENT_MAX_LINE,
+    LOBBY,
     READ_SIZE,
     LineFramer,
     encode_line,
@@ -76,6 +77,7 @@ __all__ = [
     "check_classify",
     "check_door",
     "check_echo_task",
+    "check_give_way",
     "check_how_it_ended",
     "check_line_html",
     "check_lost_copies",
@@ -2355,3 +2357,53 @@ def check_missing(missing: Callable[[list[tuple[str, int]]], dict[str, int]]) ->
             f" it gave {got!r}",
         )
     return _passed("missing", len(cases))
+
+
+def _renamed_by_chat(holders: dict[str, list[str]]) -> set[tuple[str, str]]:
+    """Return the ``(server id, name)`` of each user that real Chats rename when they link.
+
+    Each server of *holders* gets a :class:`~chatlib.chat.Chat` of its own,
+    with its users; it links, and hears of the other servers' users as
+    they announce themselves. The users told of a collision are renamed.
+    """
+    renamed = set()
+    for origin, names in holders.items():
+        chat = Chat(Limits(rate=0), cluster=Cluster(origin, _Outbox()))
+        users = {}
+        for name in names:
+            users[name] = chat.connect((name, 0), 0.0)
+            chat.receive_data(users[name], encode_line(f"/nick {name}"), 0.0)
+        chat.broker_connected(0.0)
+        for other, their_names in holders.items():
+            for seq, name in enumerate(their_names if other != origin else [], 1):
+                member = {"name": name, "room_name": LOBBY}
+                chat.receive_broker_message(encode_event(other, seq, "member", member), 0.0)
+        chat.take_ready()
+        for name, conn in users.items():
+            for line in conn.data_to_send().decode().splitlines():
+                notice = parse_notice(line.removeprefix("*** "))
+                if notice is not None and notice[0] == "collision":
+                    renamed.add((origin, name))
+    return renamed
+
+
+@exercise_check("give_way")
+def check_give_way(give_way: Callable[[dict[str, list[str]]], Iterable[tuple[str, str]]]) -> str:
+    """Check lesson 10's ``give_way(holders)`` against real Chats that link after a split."""
+    a, b, c = "3c1d9a02", "3c1d9a10", "e07f5b44"
+    cases = [
+        ({a: ["erin", "bob"], b: ["erin"]}, "one name on two servers"),
+        ({b: ["Erin"], a: ["ERIN"]}, "two spellings of one name, the later id listed first"),
+        ({c: ["alice"], a: ["a1ice", "zoe"], b: ["zoe"]}, "a1ice looks like alice"),
+        ({a: ["alice"], b: ["bob"], c: ["carol"]}, "no name twice"),
+        ({c: ["dave"], b: ["dave"], a: ["dave"]}, "one name on three servers"),
+    ]
+    for holders, what in cases:
+        expected = _renamed_by_chat(holders)
+        got = give_way({origin: list(names) for origin, names in holders.items()})
+        expect(
+            got is not None and set(got) == expected,
+            f"give_way({holders!r}) ({what}): the servers rename {sorted(expected)};"
+            f" give_way gave {got!r}",
+        )
+    return _passed("give_way", len(cases))

@@ -479,6 +479,20 @@ def _missing_counted_from_one(events):
     return lost
 
 
+def _give_way_by_exact_name(holders):
+    # The right rule on names as spelt: erin and ERIN, or alice and a1ice, never clash.
+    keeper = {}
+    for origin in sorted(holders):
+        for name in holders[origin]:
+            keeper.setdefault(name, origin)
+    return {
+        (origin, name)
+        for origin, names in holders.items()
+        for name in names
+        if keeper[name] != origin
+    }
+
+
 @pytest.mark.parametrize(
     ("check", "wrong"),
     [
@@ -512,6 +526,7 @@ def _missing_counted_from_one(events):
         # Lines only one client saw (its welcome, a private message) make them differ.
         ("check_same_order", lambda transcript_a, transcript_b: transcript_a == transcript_b),
         ("check_missing", _missing_counted_from_one),
+        ("check_give_way", _give_way_by_exact_name),
     ],
 )
 def test_exercise_checks_reject_wrong_answers(check, wrong):

@@ -10,6 +10,9 @@ poke at real servers without waiting on luck:
   never prints: a print from a thread lands in a random notebook cell);
 - :class:`NaiveChatServer` is the broadcast loop of lesson 03, the design
   that lets one client that stops reading stall everyone;
+- :class:`LocalFirstChat` is lesson 10's chat that shows its own clients'
+  lines before the broker orders them, the design that lets two servers
+  show two conversations;
 - the ``check_*`` functions are the exercises' self-checks.
 
 Framing and sanitising come from :mod:`chatlib.protocol`, as everywhere else.
@@ -33,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -41,9 +44,12 @@ from types import TracebackType
 from typing import TypeVar
 
 from chatlib import aio_client
-from chatlib.chat import Chat, Limits, State
+from chatlib.chat import Chat, Limits, Room, State
+from chatlib.cluster import Cluster, encode_event
+from chatlib.engines.base import ServerBase
 from chatlib.protocol import (
     CLIENT_MAX_LINE,
+    LOBBY,
     READ_SIZE,
     LineFramer,
     encode_line,
@@ -59,7 +65,9 @@ __all__ = [
     "BackgroundReader",
     "CheckFailed",
     "LineClient",
+    "LocalFirstChat",
     "NaiveChatServer",
+    "NotInstalled",
     "StuckClientRun",
     "check_ask",
     "check_audience",
@@ -69,10 +77,12 @@ __all__ = [
     "check_classify",
     "check_door",
     "check_echo_task",
+    "check_give_way",
     "check_how_it_ended",
     "check_line_html",
     "check_lost_copies",
     "check_measure",
+    "check_missing",
     "check_percentile",
     "check_read_lines",
     "check_read_to_end",
@@ -80,14 +90,19 @@ __all__ = [
     "check_recv_exactly",
     "check_ring",
     "check_safe_clients",
+    "check_same_order",
     "check_send_queued",
     "check_send_some",
     "check_serve_client",
     "check_stream_broadcast",
     "check_who_is_online",
+    "deliver_locally_first",
     "exercise_check",
     "expect",
+    "join_as",
+    "online",
     "send_in_background",
+    "speak_at_once",
     "talk_past_stuck_client",
     "threads_named",
     "wait_until",
@@ -2101,3 +2116,294 @@ def check_recent_from_file(recent_from_file: Callable[[str, str, int], list[str]
                 f" {got!r}",
             )
     return _passed("recent_from_file", len(cases))
+
+
+# --- Lesson 10: several servers, one chat, on Redis ----------------------------
+#
+# The lesson runs servers that share a Redis (chatlib.cluster), breaks the
+# rule that gives everyone one order (LocalFirstChat), and counts how often
+# clients on two servers then disagree (speak_at_once). Its two checks run
+# the learner's code on transcripts from real servers and against a real
+# Chat's gap check.
+
+
+class NotInstalled(RuntimeError):
+    """Something a lesson needs is missing; the message says how to install it."""
+
+    def _render_traceback_(self) -> list[str]:
+        # One line in the notebook, not a traceback: the learner has one thing to do.
+        return [str(self)]
+
+
+class LocalFirstChat(Chat):
+    """A chat that shows its own clients' messages at once: the wrong way, for lesson 10.
+
+    :class:`~chatlib.chat.Chat` delivers even its own clients' messages
+    only as they come back from the broker, so that every server delivers
+    them in the broker's one order. This one queues a message for its own
+    clients as soon as it is said, then publishes it for the others, and
+    skips it when it comes back: each server then shows its own clients'
+    lines first. It overrides two of the chat's private methods, as an
+    experiment may; give a server one with :func:`deliver_locally_first`.
+    """
+
+    def _relay(self, room: Room, line: str) -> None:
+        if not self._linked:
+            super()._relay(room, line)
+            return
+        self._broadcast_here(room, line)
+        self._keep(room.key, line)
+        self._publish("line", room=room.key, text=line, history=True, skip=None)
+
+    def _on_line(self, origin: str, event: dict) -> None:
+        if origin == self.cluster.origin and event["history"]:
+            return  # one of our messages: delivered (and kept) when it was said
+        super()._on_line(origin, event)
+
+
+def deliver_locally_first(server: ServerBase) -> ServerBase:
+    """Give *server* a :class:`LocalFirstChat` in place of its chat; return the server.
+
+    *server* must have been made with a broker (``create_server(...,
+    broker=URL)``) and not be started yet: the engine only looks its chat
+    up once it runs.
+    """
+    if server.chat.cluster is None or server.running:
+        raise ValueError("deliver_locally_first needs a server made with a broker, not started")
+    chat = server.chat
+    server.chat = LocalFirstChat(chat.limits, chat.store, chat.cluster)
+    return server
+
+
+def join_as(server: ServerBase, name: str, timeout: float = 10.0) -> LineClient:
+    """Connect a client to *server*, name it *name*, and return it once the rename is back.
+
+    On a server linked to others the rename, as every line for a room, is
+    delivered only when it comes back from the broker: then the others
+    know the name too.
+    """
+    client = LineClient(server.address)
+    client.send_line(f"/nick {name}")
+    client.read_until(lambda line: line.endswith(f" is now known as {name}."), timeout)
+    return client
+
+
+def online(client: LineClient, timeout: float = 5.0) -> str:
+    """Send ``/who`` from *client* and return the answer, the ``*** Online (N): ...`` line."""
+    client.send_line("/who")
+    return client.read_until(lambda line: line.startswith("*** Online ("), timeout)[-1]
+
+
+def speak_at_once(
+    first: LineClient, second: LineClient, trials: int, timeout: float = 5.0
+) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Have two clients in one room each say a line at the same moment, *trials* times.
+
+    In trial *n*, *first* says ``trial n`` and *second* ``trial n too``,
+    one right after the other, before either hears anything back; then each
+    reads until it has seen both lines. Return, for each trial, the two
+    lines in the order *first* saw them and in the order *second* did.
+    Raises :class:`TimeoutError` if a line does not come within *timeout*.
+    """
+    views = []
+    for trial in range(trials):
+        first.send_line(f"trial {trial}")
+        second.send_line(f"trial {trial} too")
+        ends = (f"> trial {trial}", f"> trial {trial} too")
+        views.append((_read_both(first, ends, timeout), _read_both(second, ends, timeout)))
+    return views
+
+
+def _read_both(client: LineClient, ends: tuple[str, str], timeout: float) -> tuple[str, str]:
+    """Read until *client* has seen the two messages ending in *ends*; return them as seen."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while len(seen) < 2:
+        line = client.read_line(max(0.0, deadline - time.monotonic()))
+        if line is None:
+            raise EOFError(f"the server closed the connection before {ends} came")
+        if line.startswith("<") and line.endswith(ends):
+            seen.append(line)
+    return seen[0], seen[1]
+
+
+def _same_order(transcript_a: list[str], transcript_b: list[str]) -> bool:
+    both = set(transcript_a) & set(transcript_b)
+    return [line for line in transcript_a if line in both] == [
+        line for line in transcript_b if line in both
+    ]
+
+
+@contextlib.contextmanager
+def _two_linked_servers(local_first: bool) -> Iterator[tuple[LineClient, LineClient]]:
+    """Run a Redis and two servers on it (selectors, asyncio); yield alice and bob, one on each."""
+    from chatlib.bench.servers import start_server
+
+    with start_server("redis") as redis:
+        url = f"redis://{redis.host}:{redis.port}/0"
+        servers = []
+        try:
+            for engine in ("selectors", "asyncio"):
+                server = create_server(engine, "127.0.0.1", 0, Limits(rate=0), broker=url)
+                if local_first:
+                    deliver_locally_first(server)
+                servers.append(server.start())
+            expect(
+                wait_until(
+                    lambda: all(len(server.chat.cluster.peers) == 1 for server in servers), 10
+                ),
+                "two servers on one Redis did not hear of each other within 10 s",
+            )
+            with join_as(servers[0], "alice") as alice, join_as(servers[1], "bob") as bob:
+                yield alice, bob
+        finally:
+            for server in servers:
+                server.stop()
+
+
+@exercise_check("same_order")
+def check_same_order(same_order: Callable[[list[str], list[str]], bool]) -> str:
+    """Check lesson 10's ``same_order(transcript_a, transcript_b)``.
+
+    First on transcripts made up to show one thing each, then on those of
+    two clients on two real servers on one Redis, in the chat's broker
+    order and with each server delivering its own lines first.
+    """
+    cases = [
+        (["<a> 1", "<b> 2", "<a> 3"], ["<a> 1", "<b> 2", "<a> 3"], "the same lines, in order"),
+        (["<a> 2", "<b> 1"], ["<b> 1", "<a> 2"], "the same two lines, the other way round"),
+        (
+            ["*** Welcome, a!", "<a> 1", "<b> 2", "-> *b* psst"],
+            ["*** Welcome, b!", "<a> 1", "*a* psst", "<b> 2"],
+            "each saw lines the other did not; the two both saw came in one order",
+        ),
+        (["<a> 1", "<b> 2", "<c> 3"], ["<a> 1", "<c> 3"], "one saw a line fewer, in order"),
+        (["<a> 1", "<x> 0", "<b> 2"], ["<b> 2", "<y> 0", "<a> 1"], "in between, other lines"),
+        ([], ["<a> 1"], "one saw nothing at all"),
+    ]
+    for transcript_a, transcript_b, what in cases:
+        expected = _same_order(transcript_a, transcript_b)
+        got = same_order(transcript_a, transcript_b)
+        expect(
+            got == expected,
+            f"same_order({transcript_a!r}, {transcript_b!r}) ({what}) should be {expected};"
+            f" it gave {got!r}",
+        )
+    for local_first, how in ((False, "in the broker's order"), (True, "each server's own first")):
+        with _two_linked_servers(local_first) as (alice, bob):
+            speak_at_once(alice, bob, 5)
+            transcripts = alice.received, bob.received
+        expected = _same_order(*transcripts)
+        expect(
+            expected or local_first,
+            f"alice's and bob's transcripts disagreed in the broker's order: that is a bug in"
+            f" chatlib, not in same_order; alice saw {transcripts[0]!r}, bob {transcripts[1]!r}",
+        )
+        got = same_order(*transcripts)
+        expect(
+            got == expected,
+            f"alice and bob on two servers, lines delivered {how}: alice saw {transcripts[0]!r}"
+            f" and bob {transcripts[1]!r}, so same_order should be {expected}; it gave {got!r}",
+        )
+    return _passed("same_order", len(cases) + 2)
+
+
+class _Outbox:
+    """A broker that keeps what a chat publishes, for a chat without a network."""
+
+    def __init__(self) -> None:
+        self.published: list[bytes] = []
+
+    def publish(self, messages: list[bytes]) -> None:
+        self.published.extend(messages)
+
+
+def _lost_by_chat(events: list[tuple[str, int]]) -> dict[str, int]:
+    """Return how many events of each origin a real Chat counts lost, given *events* in order."""
+    lost = {}
+    for origin in dict.fromkeys(origin for origin, _ in events):
+        chat = Chat(Limits(rate=0), cluster=Cluster("00000000", _Outbox()))
+        chat.broker_connected(0.0)
+        for sender, seq in events:
+            if sender == origin:
+                chat.receive_broker_message(encode_event(sender, seq, "alive", {}), 0.0)
+        lost[origin] = chat.cluster.lost
+    return lost
+
+
+@exercise_check("missing")
+def check_missing(missing: Callable[[list[tuple[str, int]]], dict[str, int]]) -> str:
+    """Check lesson 10's ``missing(events)`` against a real Chat's gap check.
+
+    Each case's events go, in order, to a :class:`~chatlib.chat.Chat` linked
+    to a broker that is only a list; what it counts in ``cluster.lost`` for
+    each origin is the answer.
+    """
+    a, b = "7f3a9c01", "c4d2e8b6"
+    cases = [
+        ([(a, 1), (a, 2), (a, 3)], "nothing lost"),
+        ([(a, 1), (a, 2), (a, 5), (a, 6)], "3 and 4 never came"),
+        ([(a, 1), (b, 1), (a, 3), (b, 4), (a, 4)], "two servers, each with its own numbers"),
+        ([(a, 7), (a, 8), (a, 10)], "a server first heard at 7: what came before is not lost"),
+        ([(a, 1), (a, 2), (a, 2), (a, 1), (a, 3)], "2 and 1 again: replays, not gaps"),
+        ([], "no events"),
+    ]
+    for events, what in cases:
+        expected = _lost_by_chat(events)
+        got = missing(list(events))
+        expect(
+            got is not None and dict(got) == expected,
+            f"missing({events!r}) ({what}) should give {expected!r}, as the chat counts;"
+            f" it gave {got!r}",
+        )
+    return _passed("missing", len(cases))
+
+
+def _renamed_by_chat(holders: dict[str, list[str]]) -> set[tuple[str, str]]:
+    """Return the ``(server id, name)`` of each user that real Chats rename when they link.
+
+    Each server of *holders* gets a :class:`~chatlib.chat.Chat` of its own,
+    with its users; it links, and hears of the other servers' users as
+    they announce themselves. The users told of a collision are renamed.
+    """
+    renamed = set()
+    for origin, names in holders.items():
+        chat = Chat(Limits(rate=0), cluster=Cluster(origin, _Outbox()))
+        users = {}
+        for name in names:
+            users[name] = chat.connect((name, 0), 0.0)
+            chat.receive_data(users[name], encode_line(f"/nick {name}"), 0.0)
+        chat.broker_connected(0.0)
+        for other, their_names in holders.items():
+            for seq, name in enumerate(their_names if other != origin else [], 1):
+                member = {"name": name, "room_name": LOBBY}
+                chat.receive_broker_message(encode_event(other, seq, "member", member), 0.0)
+        chat.take_ready()
+        for name, conn in users.items():
+            for line in conn.data_to_send().decode().splitlines():
+                notice = parse_notice(line.removeprefix("*** "))
+                if notice is not None and notice[0] == "collision":
+                    renamed.add((origin, name))
+    return renamed
+
+
+@exercise_check("give_way")
+def check_give_way(give_way: Callable[[dict[str, list[str]]], Iterable[tuple[str, str]]]) -> str:
+    """Check lesson 10's ``give_way(holders)`` against real Chats that link after a split."""
+    a, b, c = "3c1d9a02", "3c1d9a10", "e07f5b44"
+    cases = [
+        ({a: ["erin", "bob"], b: ["erin"]}, "one name on two servers"),
+        ({b: ["Erin"], a: ["ERIN"]}, "two spellings of one name, the later id listed first"),
+        ({c: ["alice"], a: ["a1ice", "zoe"], b: ["zoe"]}, "a1ice looks like alice"),
+        ({a: ["alice"], b: ["bob"], c: ["carol"]}, "no name twice"),
+        ({c: ["dave"], b: ["dave"], a: ["dave"]}, "one name on three servers"),
+    ]
+    for holders, what in cases:
+        expected = _renamed_by_chat(holders)
+        got = give_way({origin: list(names) for origin, names in holders.items()})
+        expect(
+            got is not None and set(got) == expected,
+            f"give_way({holders!r}) ({what}): the servers rename {sorted(expected)};"
+            f" give_way gave {got!r}",
+        )
+    return _passed("give_way", len(cases))

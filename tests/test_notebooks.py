@@ -470,6 +470,29 @@ def _drop_while_looping(queues, data):
     return dropped
 
 
+def _missing_counted_from_one(events):
+    # As if every server were heard from its first event on, and as if repeats were news.
+    lost = {}
+    for origin in dict.fromkeys(origin for origin, _ in events):
+        numbers = [seq for sender, seq in events if sender == origin]
+        lost[origin] = max(numbers) - len(set(numbers))
+    return lost
+
+
+def _give_way_by_exact_name(holders):
+    # The right rule on names as spelt: erin and ERIN, or alice and a1ice, never clash.
+    keeper = {}
+    for origin in sorted(holders):
+        for name in holders[origin]:
+            keeper.setdefault(name, origin)
+    return {
+        (origin, name)
+        for origin, names in holders.items()
+        for name in names
+        if keeper[name] != origin
+    }
+
+
 @pytest.mark.parametrize(
     ("check", "wrong"),
     [
@@ -500,6 +523,10 @@ def _drop_while_looping(queues, data):
         ("check_ask", _ask_first_line),
         ("check_stream_broadcast", _broadcast_to_everyone),
         ("check_send_queued", _send_queued_without_drain),
+        # Lines only one client saw (its welcome, a private message) make them differ.
+        ("check_same_order", lambda transcript_a, transcript_b: transcript_a == transcript_b),
+        ("check_missing", _missing_counted_from_one),
+        ("check_give_way", _give_way_by_exact_name),
     ],
 )
 def test_exercise_checks_reject_wrong_answers(check, wrong):

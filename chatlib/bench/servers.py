@@ -235,6 +235,7 @@ def start_server(
     cpu: int | None = None,
     timeout: float = 10.0,
     broker: str | None = None,
+    port: int | None = None,
 ) -> Server:
     """Start server *name* (one of :data:`SERVER_KINDS`) and return once it accepts clients.
 
@@ -244,7 +245,9 @@ def start_server(
     server's process to that CPU (Linux), so that it and the load generator
     each have a core. *broker*, a ``redis://127.0.0.1:PORT/DB`` URL, makes a
     chatlib engine one of the servers on that Redis (``--broker``); it returns
-    once the server listens, maybe before it is linked. Raises
+    once the server listens, maybe before it is linked. *port* is for Redis
+    only: start it on that port (say, again where one was stopped) instead
+    of a free one. Raises
     :class:`ServerError` if the server is missing or does not come up within
     *timeout* seconds.
     """
@@ -256,9 +259,11 @@ def start_server(
         raise ValueError(f"only chatlib's engines link through a broker, not {name}")
     if broker is not None and not broker.startswith(f"redis://{HOST}:"):
         raise ValueError(f"the benchmark only talks to {HOST}, not to the broker {broker}")
+    if port is not None and name != "redis":
+        raise ValueError(f"only redis is started on a given port, not {name}")
     raise_open_files_limit()
     if name == "redis":
-        return _start_redis(cpu, timeout)
+        return _start_redis(cpu, timeout, port)
     store_path = None
     if name in CHATLIB_ENGINES:
         command = [sys.executable, "-m", "chatlib.server", "--engine", name, *_CHATLIB_ARGS]
@@ -297,15 +302,15 @@ def start_server(
     return server
 
 
-def _start_redis(cpu: int | None, timeout: float) -> Server:
+def _start_redis(cpu: int | None, timeout: float, given_port: int | None) -> Server:
     executable = shutil.which("redis-server")
     if executable is None:
         raise ServerError("redis-server is not installed (Debian: apt-get install redis-server)")
-    # Redis needs a real port. Another process could grab this one before Redis
-    # binds it; then Redis exits and we try another.
+    # Redis needs a real port. Another process could grab a free one before Redis
+    # binds it; then Redis exits and we try another (a port given is tried once).
     output = ""
-    for _attempt in range(3):
-        port = _free_port()
+    for _attempt in range(3 if given_port is None else 1):
+        port = _free_port() if given_port is None else given_port
         command = [executable, "--port", str(port), "--bind", HOST]
         command += ["--save", "", "--appendonly", "no"]  # a message bus here, not a database
         command += ["--maxclients", _MAX_CLIENTS]

@@ -2153,7 +2153,7 @@ class LocalFirstChat(Chat):
             return
         self._broadcast_here(room, line)
         self._keep(room.key, line)
-        self._publish("line", room=room.key, text=line, history=True, skip=None)
+        self._publish("line", room.key, room=room.key, text=line, history=True, skip=None)
 
     def _on_line(self, origin: str, event: dict) -> None:
         if origin == self.cluster.origin and event["history"]:
@@ -2312,9 +2312,9 @@ class _Outbox:
     """A broker that keeps what a chat publishes, for a chat without a network."""
 
     def __init__(self) -> None:
-        self.published: list[bytes] = []
+        self.published: list[tuple[str | None, bytes | None]] = []
 
-    def publish(self, messages: list[bytes]) -> None:
+    def publish(self, messages: list[tuple[str | None, bytes | None]]) -> None:
         self.published.extend(messages)
 
 
@@ -2323,7 +2323,7 @@ def _lost_by_chat(events: list[tuple[str, int]]) -> dict[str, int]:
     lost = {}
     for origin in dict.fromkeys(origin for origin, _ in events):
         chat = Chat(Limits(rate=0), cluster=Cluster("00000000", _Outbox()))
-        chat.broker_connected(0.0)
+        chat.broker_connected({}, 0.0)
         for sender, seq in events:
             if sender == origin:
                 chat.receive_broker_message(encode_event(sender, seq, "alive", {}), 0.0)
@@ -2373,7 +2373,7 @@ def _renamed_by_chat(holders: dict[str, list[str]]) -> set[tuple[str, str]]:
         for name in names:
             users[name] = chat.connect((name, 0), 0.0)
             chat.receive_data(users[name], encode_line(f"/nick {name}"), 0.0)
-        chat.broker_connected(0.0)
+        chat.broker_connected({}, 0.0)
         for other, their_names in holders.items():
             for seq, name in enumerate(their_names if other != origin else [], 1):
                 member = {"name": name, "room_name": LOBBY}

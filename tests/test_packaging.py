@@ -286,9 +286,14 @@ def test_nbval_reads_sanitize_cfg_as_configparser_does():
             "took 12 ms, 0.5s, 3.25 s, 40 us, 40 \u00b5s",
             "took DURATION, DURATION, DURATION, DURATION, DURATION",
         ),
+        (
+            "Online (2): alice@8fe9, guest3-b76c@b76c; You are on server 8fe9 (linked)",
+            "Online (2): alice@TAG, guest3-TAG@TAG; You are on server TAG (linked)",
+        ),
         # Left alone: counts whose unit merely starts with s, and plain numbers.
         ("5 seconds, 2 sessions, 3 messages", "5 seconds, 2 sessions, 3 messages"),
         ("alice: 1 + 1 = 2", "alice: 1 + 1 = 2"),
+        ("bob@home, the server room is open", "bob@home, the server room is open"),
     ],
 )
 def test_sanitize_cfg_replaces_volatile_values(raw, expected):

@@ -25,6 +25,8 @@ PACKAGE = ROOT / "chatlib"
 NOT_STDLIB_ONLY = {PACKAGE / "widget.py", PACKAGE / "redis_link.py"}
 # Test tools that the conda route must also provide; the rest comes from `pip -e .[test]`.
 CONDA_TEST_TOOLS = {"pytest", "nbval"}
+# PyPI names that conda-forge spells otherwise: its "redis" is the server, redis-py the client.
+CONDA_NAMES = {"redis": "redis-py"}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,7 @@ def test_environment_covers_notebooks_extra_and_test_tools(pyproject, environmen
         name: bound for name, bound in _extra(pyproject, "test").items() if name in CONDA_TEST_TOOLS
     }
     assert set(wanted) >= CONDA_TEST_TOOLS
+    wanted = {CONDA_NAMES.get(name, name): bound for name, bound in wanted.items()}
     missing = sorted(set(wanted) - set(conda))
     assert not missing, f"environment.yml lacks {missing} (in pyproject.toml's extras)"
     for name, pip_bound in wanted.items():

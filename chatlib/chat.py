@@ -583,6 +583,11 @@ class Chat:
         getattr(self, "_on_" + kind)(origin, event)
         self._drop_over_limit()
 
+    def receive_broker_messages(self, batch: list[bytes], now: float) -> None:
+        """Handle the events in *batch*, in order: what the link read at once."""
+        for data in batch:
+            self.receive_broker_message(data, now)
+
     def broker_tick(self, now: float) -> None:
         """Handle the link's heartbeat: say we are alive, give up on servers gone silent."""
         cluster = self.cluster

@@ -8,7 +8,9 @@ through a callback, ``deliver(news, *args)``, where *news* names the
 its clock:
 
 - ``"broker_connected"`` with every room's history: subscribed, and publishing;
-- ``"receive_broker_message"`` with the bytes of one event;
+- ``"receive_broker_messages"`` with the events that came, as a list of
+  bytes: all that were waiting, so that the engine is woken once for them
+  and its clients get them in one write;
 - ``"broker_lost"`` with the reason: the connection failed, or Redis
   dropped us (a subscriber that falls behind past Redis's
   ``client-output-buffer-limit pubsub`` is disconnected);
@@ -75,6 +77,10 @@ BACKOFF = (0.1, 5.0)
 
 # How long the reader waits for a message before it checks whether to stop.
 _POLL = 0.2
+
+# The most messages handed over at once: a bound on what one turn of the
+# engine's loop does for the broker before it serves its clients again.
+_BATCH = 256
 
 
 class BrokerError(Exception):
@@ -193,9 +199,16 @@ class RedisLink:
         while not self._stopping.is_set():
             if self._broken.is_set():
                 raise redis.ConnectionError("publishing failed")
+            batch = []
             message = pubsub.get_message(timeout=_POLL)
+            while message is not None and len(batch) < _BATCH:
+                if message["type"] == "message":
+                    batch.append(message["data"])
+                message = pubsub.get_message(timeout=0)  # what else has come: no wait
             if message is not None and message["type"] == "message":
-                self._deliver("receive_broker_message", message["data"])
+                batch.append(message["data"])
+            if batch:
+                self._deliver("receive_broker_messages", batch)
 
     # --- The writer -------------------------------------------------------
 

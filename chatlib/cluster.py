@@ -212,6 +212,11 @@ class Cluster:
             outbox, self._outbox = self._outbox, []
             self.broker.publish(outbox)
 
+    @property
+    def in_flight(self) -> int:
+        """Return how many of this server's events have not come back from the broker yet."""
+        return len(self._in_flight)
+
     def came_back(self, seq: int) -> bool:
         """Record that this server's event *seq* came back; return whether it was still due.
 

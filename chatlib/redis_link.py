@@ -49,7 +49,14 @@ try:
 except ImportError:  # the extra is not installed: RedisLink() says so
     redis = None
 
-__all__ = ["BACKOFF", "CHANNEL", "HISTORY_IDLE_EXPIRY", "BrokerError", "RedisLink"]
+__all__ = [
+    "BACKOFF",
+    "CHANNEL",
+    "HISTORY_IDLE_EXPIRY",
+    "OUTGOING_LIMIT",
+    "BrokerError",
+    "RedisLink",
+]
 
 #: The pub/sub channel every server of one chat publishes and listens on.
 CHANNEL = "chatlib:events"
@@ -82,6 +89,11 @@ _POLL = 0.2
 # engine's loop does for the broker before it serves its clients again.
 _BATCH = 256
 
+#: Messages that may wait for the writer. More means that Redis does not
+#: take what this server publishes (paused, or far too slow): the link counts
+#: as failed, as a client past its send queue does, and reconnects.
+OUTGOING_LIMIT = 100_000
+
 
 class BrokerError(Exception):
     """A broker that cannot be used as given, with a message for the user."""
@@ -107,6 +119,9 @@ class RedisLink:
             raise BrokerError(f"--broker {url}: {error}") from None
         self._deliver = deliver
         self._channel = channel
+        self._keep_and_publish = redis.Redis(connection_pool=self._pool).register_script(
+            _KEEP_AND_PUBLISH
+        )
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._outgoing: list[Outgoing] = []
@@ -133,9 +148,13 @@ class RedisLink:
         lines itself once it hears of the failure.
         """
         with self._lock:
-            if self._connected:
-                self._outgoing.extend(messages)
-                self._wakeup.notify()
+            if not self._connected:
+                return
+            if len(self._outgoing) + len(messages) > OUTGOING_LIMIT:
+                self._broken.set()  # the reader reconnects; the chat hears of it
+                return
+            self._outgoing.extend(messages)
+            self._wakeup.notify()
 
     def stop(self, timeout: float = 1.0) -> None:
         """Publish what is queued (the goodbye), disconnect, end both threads."""
@@ -214,7 +233,6 @@ class RedisLink:
 
     def _write(self) -> None:
         client = redis.Redis(connection_pool=self._pool)
-        self._keep_and_publish = client.register_script(_KEEP_AND_PUBLISH)
         next_tick = time.monotonic() + HEARTBEAT
         while True:
             with self._lock:

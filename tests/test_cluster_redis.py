@@ -387,6 +387,37 @@ def test_a_server_dropped_as_a_slow_subscriber_recovers(redis_server, cluster, c
         bob.close()
 
 
+def test_a_redis_that_stops_taking_messages_counts_as_lost(
+    redis_server, cluster, connect, monkeypatch
+):
+    from chatlib import redis_link
+
+    monkeypatch.setattr(redis_link, "OUTGOING_LIMIT", 20)
+    server = cluster("selectors")
+    alice, ann = named(connect, server, "alice"), named(connect, server, "ann")
+    cluster, link = server.chat.cluster, server.link
+    waiting = []  # how many messages wait for Redis after each batch the chat hands over
+
+    def publish(messages, publish=link.publish):
+        publish(messages)
+        waiting.append(len(link._outgoing))
+
+    monkeypatch.setattr(link, "publish", publish)
+    redis_server.process.send_signal(signal.SIGSTOP)  # it takes nothing, and says nothing
+    try:
+        for n in range(40):  # one at a time: each its own batch for the link
+            alice.say(f"line {n}")
+            wait_until(lambda n=n: cluster.in_flight > n or not cluster.linked)
+        alice.expect_notice("split", reason="publishing failed")
+        assert max(waiting) <= 20  # what waits for Redis stays bounded
+        # Nothing said is lost here: what never came back is delivered by the server itself.
+        ann.read_until(lambda line: line == "<alice> line 39")
+        assert ann.messages()[-40:] == [f"<alice> line {n}" for n in range(40)]
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    alice.expect_notice("linked")
+
+
 # --- Without redis-py -----------------------------------------------------------------
 
 

@@ -20,6 +20,12 @@ mechanically:
    forget it: the chat has forgotten it already;
 3. read from a connection only while :attr:`Connection.reading` is true.
 
+A chat that is one of several servers (see :mod:`chatlib.cluster`) is also
+told what its link to the broker says: :meth:`Chat.broker_connected`,
+:meth:`Chat.receive_broker_messages`, :meth:`Chat.broker_lost` and
+:meth:`Chat.broker_tick`; it hands the link its events in
+:meth:`Chat.take_ready`, and the engine acts on the connections as above.
+
 The chat never blocks and never reads a clock: callers pass ``now``. It is
 not thread-safe; a threaded engine calls it under one lock.
 """
@@ -621,12 +627,12 @@ class Chat:
 
     @property
     def members(self) -> list[str]:
-        """Return the names of everyone connected, in any room, in order of arrival."""
+        """Return the names of everyone on this server, in any room, in order of arrival."""
         return [conn.name for conn in self._members.values()]
 
     @property
     def rooms(self) -> dict[str, list[str]]:
-        """Return each room's name and its members' names, in the order the rooms were made."""
+        """Return each room's name and its members' names on this server, in order of making."""
         return {room.name: [conn.name for conn in room.members] for room in self._rooms.values()}
 
     # --- Private methods ------------------------------------------------

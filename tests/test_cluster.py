@@ -296,6 +296,12 @@ def test_a_private_message_reaches_a_user_on_another_server():
     net.deliver_all()
     assert net.take(carol) == ["*alice* see you at noon"]
     assert net.take(alice) == net.take(bob) == []
+    # As /who lists her, with her server.
+    assert net.ask(alice, "/msg carol@bbbb and bring the notes") == [
+        "-> *carol* and bring the notes"
+    ]
+    net.deliver_all()
+    assert net.take(carol) == ["*alice* and bring the notes"]
 
 
 def test_a_private_message_to_a_name_nobody_has_on_any_server_is_refused():

@@ -372,7 +372,7 @@ def test_a_server_dropped_as_a_slow_subscriber_recovers(redis_server, cluster, c
             deadline = time.monotonic() + 10
             while redis_server.subscribers() == 2:
                 assert time.monotonic() < deadline, "Redis never dropped the paused subscriber"
-                alice.say(*[text] * 50)
+                alice.say(*[text] * 200)  # 80 KB a round: past the kernel's buffers soon
                 alice.read_until(lambda line: line == f"<alice> {text}")
         finally:
             paused.signal(signal.SIGCONT)

@@ -515,11 +515,14 @@ class Chat:
         From now on every line for a room goes through the broker, and comes
         back to be delivered. *history* is every room's history as the broker
         keeps it, read once subscribed: room key -> ``(entry id, event)``,
-        oldest first. It replaces what the store held of those rooms, so
-        that every server replays the same. Coming back after a split is
-        told to everyone.
+        oldest first. It replaces what the store held, rooms the broker has
+        no history of included (a Redis that restarted empty), so that
+        every server replays the same. Coming back after a split is told to
+        everyone.
         """
         self._clock = now
+        for room in self._rooms.keys() - history.keys():
+            self._load_history(room, [])
         for room, entries in history.items():
             self._load_history(room, entries)
         cluster = self.cluster

@@ -105,6 +105,7 @@ __all__ = [
     "speak_at_once",
     "talk_past_stuck_client",
     "threads_named",
+    "two_linked_servers",
     "wait_until",
 ]
 
@@ -2235,8 +2236,14 @@ def _same_order(transcript_a: list[str], transcript_b: list[str]) -> bool:
 
 
 @contextlib.contextmanager
-def _two_linked_servers(local_first: bool) -> Iterator[tuple[LineClient, LineClient]]:
-    """Run a Redis and two servers on it (selectors, asyncio); yield alice and bob, one on each."""
+def two_linked_servers(
+    local_first: bool, names: tuple[str, str] = ("alice", "bob")
+) -> Iterator[tuple[LineClient, LineClient]]:
+    """Run a Redis and two servers on it (selectors, asyncio); yield two clients, one on each.
+
+    The clients are called *names*; with *local_first*, both servers deliver
+    as a :class:`LocalFirstChat` does. Everything stops when the ``with`` block ends.
+    """
     from chatlib.bench.servers import start_server
 
     with start_server("redis") as redis:
@@ -2254,8 +2261,8 @@ def _two_linked_servers(local_first: bool) -> Iterator[tuple[LineClient, LineCli
                 ),
                 "two servers on one Redis did not hear of each other within 10 s",
             )
-            with join_as(servers[0], "alice") as alice, join_as(servers[1], "bob") as bob:
-                yield alice, bob
+            with join_as(servers[0], names[0]) as first, join_as(servers[1], names[1]) as second:
+                yield first, second
         finally:
             for server in servers:
                 server.stop()
@@ -2290,7 +2297,7 @@ def check_same_order(same_order: Callable[[list[str], list[str]], bool]) -> str:
             f" it gave {got!r}",
         )
     for local_first, how in ((False, "in the broker's order"), (True, "each server's own first")):
-        with _two_linked_servers(local_first) as (alice, bob):
+        with two_linked_servers(local_first) as (alice, bob):
             speak_at_once(alice, bob, 5)
             transcripts = alice.received, bob.received
         expected = _same_order(*transcripts)

@@ -32,7 +32,8 @@ replays the same history as everyone. redis-py's blocking client is used
 rather than ``redis.asyncio``: the same link then serves all three engines,
 each of which already has a way to be woken from another thread.
 
-It needs redis-py: ``pip install 'chatlib[redis]'``.
+It needs redis-py, which chatlib's ``redis`` extra installs:
+``pip install -e '.[redis]'`` in chatlib's folder.
 """
 
 from __future__ import annotations
@@ -108,7 +109,10 @@ class RedisLink:
 
     def __init__(self, url: str, deliver: Callable[..., None], channel: str = CHANNEL) -> None:
         if redis is None:
-            raise BrokerError("--broker needs redis-py: pip install 'chatlib[redis]'")
+            raise BrokerError(
+                "--broker needs redis-py, chatlib's redis extra:"
+                " pip install -e '.[redis]' in chatlib's folder"
+            )
         try:
             # Timeouts, so that a Redis that vanishes without a reset cannot
             # hold a thread forever; a pub/sub connection waits with its own.

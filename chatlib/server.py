@@ -225,7 +225,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Limits]:
         metavar="redis://HOST:PORT/DB",
         default=argparse.SUPPRESS,
         help="make one chat with every server on this Redis (docs/scaling.md); needs"
-        " pip install 'chatlib[redis]'",
+        " redis-py, chatlib's redis extra (pip install -e '.[redis]')",
     )
     for limit in dataclasses.fields(Limits):
         parser.add_argument(

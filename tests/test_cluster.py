@@ -863,3 +863,20 @@ def test_history_loaded_from_the_broker_replaces_the_stores_and_is_not_kept_twic
     a.chat.receive_broker_message(json.dumps(later).encode(), net.now)
     a.collect()
     assert a.chat.store.recent("#lobby", 10) == ["<dan> old", "<dan> newer", "<dan> later"]
+
+
+def test_a_rooms_history_said_during_a_split_goes_if_the_broker_kept_none():
+    # A Redis that restarted empty (no persistence) has no stream for the room: every server
+    # must then agree on no history, not keep what each said while alone.
+    net = Net()
+    a, b = net.servers
+    alice, carol = net.join(a, "alice"), net.join(b, "carol")
+    net.lose_link(a)
+    net.lose_link(b)
+    net.say(alice, "can anyone hear me?")
+    assert a.chat.store.recent("#lobby", 10) == ["<alice> can anyone hear me?"]
+    net.link_again(a)
+    net.link_again(b)
+    net.deliver_all()
+    assert a.chat.store.recent("#lobby", 10) == b.chat.store.recent("#lobby", 10) == []
+    assert net.ask(carol, "/history") == net.ask(alice, "/history")

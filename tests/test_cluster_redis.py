@@ -26,7 +26,7 @@ from chatlib.server import ENGINES, create_server
 from tests.conftest import TEST_LIMITS
 from tests.helpers import ROOT, LineClient, wait_until
 
-pytest.importorskip("redis", reason="the cluster needs redis-py: pip install 'chatlib[redis]'")
+pytest.importorskip("redis", reason="the cluster needs redis-py: pip install -e '.[redis]'")
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)"
 )
@@ -433,7 +433,8 @@ def test_broker_without_redis_py_is_one_clear_error(redis_server):
     )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "--broker needs redis-py: pip install 'chatlib[redis]'; no client was let in."
+        "--broker needs redis-py, chatlib's redis extra: pip install -e '.[redis]'"
+        " in chatlib's folder; no client was let in."
     )
 
 

@@ -598,6 +598,7 @@ class ChatPanel:
             # Who is here changes wholesale: ask again once it is known.
             return event == "linked"
         elif event == "left":
+            self._servers.pop(name, None)
             if name in self._members:
                 self._members.remove(name)
             elif self._unlisted:

@@ -323,6 +323,23 @@ def test_a_member_list_cut_short_still_counts_everyone(scripted):
     assert server.heard == ["/quit"]
 
 
+def test_each_members_server_follows_joins_renames_and_leaves(scripted):
+    server, panel = scripted
+    # A server of several lists each member's server, and names a newcomer's.
+    server.send(
+        "*** Online (3): guest1@aaaa, bob@bbbb, cy@bbbb",
+        "*** dan joined on server cccc.",
+        "*** bob left (their server stopped answering).",
+        "*** cy is now known as cyd.",
+        "*** the end",
+    )
+    panel.wait_for(text_is("the end"))
+    assert panel.members == ["guest1", "cyd", "dan"]
+    # Who left takes their server along: a long session keeps no one it no longer lists.
+    assert panel.member_servers == {"guest1": "aaaa", "cyd": "bbbb", "dan": "cccc"}
+    assert "@bbbb" in panel.members_view.value and "bob" not in panel.members_view.value
+
+
 def test_a_big_room_announcing_again_makes_the_panel_ask_who_is_here(scripted):
     server, panel = scripted
     server.send(
